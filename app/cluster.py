@@ -1,0 +1,32 @@
+"""Connect to a Ray cluster, or start an embedded local one when no address is given."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+# Ray's own processes stay quiet about these unless asked.
+_LOCAL_ENV = {"RAY_TRAIN_V2_ENABLED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def connect(address: str | None = None, num_cpus: int | None = None) -> str:
+    """Join the cluster at `address` (or $RAY_ADDRESS, as `ray job submit` sets); else start a local Ray.
+
+    A local Ray gets at least 4 logical CPUs so that 2 training workers and the data actors can be
+    scheduled on a 2-core machine (they take turns on the cores; nothing is pinned).
+    Returns a description of what was joined.
+    """
+    for key, value in _LOCAL_ENV.items():
+        os.environ.setdefault(key, value)
+    if ray.is_initialized():
+        return "already connected"
+    address = address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": {key: os.environ[key] for key in _LOCAL_ENV}}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        return f"cluster at {address}"
+    cpus = num_cpus or max(4, os.cpu_count() or 1)
+    # Ray binds its node to this machine's own address; the dashboard (which Train's state queries need) to 127.0.0.1.
+    ray.init(num_cpus=cpus, runtime_env=runtime_env)
+    return f"embedded local Ray ({cpus} logical CPUs)"

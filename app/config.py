@@ -1,0 +1,218 @@
+"""The typed configuration tree: defaults defined once, YAML presets, `section.key=value` overrides.
+
+Every entrypoint (jobs, tuning, tests) builds its config through `load_config` / `apply_overrides`, so a
+key means the same thing on the command line, in a preset and in a Tune search space.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PACKAGED_MINILM = "packaged:all-MiniLM-L6-v2"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    """Where the training rows come from and how they are validated and split."""
+
+    train_path: str | None = Field(None, description="Kaggle train.csv/.parquet (local or URI); None = built-in data")
+    builtin_rows: int = Field(2000, ge=50, description="rows of the built-in synthetic set when train_path is None")
+    max_rows: int | None = Field(None, ge=10, description="use only the first N rows (quick runs)")
+    n_folds: int = Field(5, ge=2)
+    valid_fold: int = Field(0, ge=0)
+    on_bad_rows: Literal["error", "skip"] = "error"
+    rejects_path: str | None = Field(None, description="skip mode: where rejected rows go; default <run dir>/rejects.jsonl")
+
+    @model_validator(mode="after")
+    def _fold_in_range(self) -> DataConfig:
+        if self.valid_fold >= self.n_folds:
+            raise ValueError(f"data.valid_fold={self.valid_fold} must be < data.n_folds={self.n_folds}")
+        return self
+
+
+class FormatConfig(_Section):
+    """How a row becomes one token sequence (see app/formatting.py for the truncation policy)."""
+
+    max_length: int = Field(256, ge=32, description="token budget shared by prompt, response A and B, specials included")
+    head_fraction: float = Field(0.5, ge=0.0, le=1.0, description="share of a cut text's tokens kept from its head")
+    min_turn_tokens: int = Field(32, ge=0, description="an older turn is kept cut only if this many tokens remain for it")
+
+
+class ModelConfig(_Section):
+    """Which pretrained weights to finetune."""
+
+    kind: Literal["encoder"] = "encoder"
+    name_or_path: str = Field(PACKAGED_MINILM, description="local folder, hub id, or the packaged MiniLM")
+    classifier_dropout: float | None = Field(None, ge=0.0, lt=1.0)
+
+
+class TrainConfig(_Section):
+    """The optimisation loop of each Ray Train worker."""
+
+    epochs: int = Field(2, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (quick runs)")
+    batch_size: int = Field(16, ge=1, description="rows per micro-batch per worker")
+    grad_accum_steps: int = Field(1, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    swap_prob: float = Field(0.5, ge=0, le=1, description="probability of training a row with A and B swapped")
+    length_group_batches: int = Field(50, ge=1, description="batches per length-sorted buffer (1 = no grouping)")
+    eval_batch_size: int = Field(64, ge=1)
+    log_every_steps: int = Field(20, ge=1)
+
+
+class ScalingConfig(_Section):
+    """Ray Train workers and what each one holds."""
+
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, ge=0)
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads per worker; None = cpus_per_worker")
+
+
+class RunConfig(_Section):
+    """Where results go and how many checkpoints are kept."""
+
+    name: str = Field("arena", min_length=1)
+    storage_path: str = Field("runs", description="local folder or URI (s3://...) for checkpoints and results")
+    keep_checkpoints: int = Field(2, ge=1, description="best k by validation log loss")
+    max_failures: int = Field(0, ge=0)
+
+
+class PredictConfig(_Section):
+    """Batch prediction."""
+
+    tokens_per_batch: int = Field(8192, ge=64, description="padded tokens per forward pass (length-sorted batches)")
+    tta_swap: bool = Field(False, description="average with the A/B-swapped view")
+    num_actors: int = Field(1, ge=1)
+    cpus_per_actor: float = Field(1.0, gt=0)
+
+
+class Config(BaseModel):
+    """The whole tree. Sections are frozen; build a new one with `apply_overrides`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seed: int = 42
+    data: DataConfig = DataConfig()
+    format: FormatConfig = FormatConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    run: RunConfig = RunConfig()
+    predict: PredictConfig = PredictConfig()
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the key and what to do."""
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys.extend(_known_keys(annotation, f"{prefix}{name}."))
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _check_key(dotted: str) -> None:
+    known = _known_keys(Config)
+    if dotted not in known:
+        hint = difflib.get_close_matches(dotted, known, n=1)
+        suggestion = f"; did you mean '{hint[0]}'?" if hint else f"; known keys: {', '.join(known)}"
+        raise ConfigError(f"unknown config key '{dotted}'{suggestion}")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split `section.key=value`; the value is read as YAML (numbers, true/false, null, lists)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{text}' is not of the form section.key=value")
+    return key.strip(), yaml.safe_load(value) if value.strip() else ""
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any] | Iterable[str]) -> dict[str, Any]:
+    """Return a copy of the nested `raw` dict with dotted-key overrides set.
+
+    The one override path: the command line passes `["train.lr=1e-4"]`, Tune and tests pass
+    `{"train.lr": 1e-4}`. Unknown keys raise ConfigError with the closest known key.
+    """
+    pairs = overrides.items() if isinstance(overrides, Mapping) else map(parse_override, overrides)
+    result: dict[str, Any] = yaml.safe_load(yaml.safe_dump(dict(raw))) or {}  # deep copy of plain data
+    for dotted, value in pairs:
+        _check_key(dotted)
+        node = result
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"'{part}' in '{dotted}' is a value, not a section")
+            node = child
+        node[leaf] = value
+    return result
+
+
+def validate_config(raw: Mapping[str, Any], source: str = "config") -> Config:
+    """Build a Config, turning pydantic's errors into messages that name the dotted key."""
+    try:
+        return Config.model_validate(dict(raw))
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+            if error["type"] == "extra_forbidden":
+                hint = difflib.get_close_matches(key, _known_keys(Config), n=1)
+                lines.append(f"  {key}: unknown key" + (f"; did you mean '{hint[0]}'?" if hint else ""))
+            else:
+                lines.append(f"  {key}: {error['msg']} (got {error.get('input')!r})")
+        raise ConfigError(f"invalid {source}:\n" + "\n".join(lines)) from None
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: Mapping[str, Any] | Iterable[str] = ()) -> Config:
+    """Load a YAML preset (or the defaults), apply overrides and validate."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            with open(path, encoding="utf-8") as handle:
+                raw = yaml.safe_load(handle) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+    return validate_config(apply_overrides(raw, overrides), source)
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    """Plain JSON-able dict: what workers receive and checkpoints store."""
+    return config.model_dump(mode="json")
+
+
+def flatten_keys(raw: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten a nested dict into dotted keys (used to check presets hold only what differs)."""
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten_keys(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

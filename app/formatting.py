@@ -1,0 +1,184 @@
+"""Row -> token ids: multi-turn interleaving under one shared token budget, and the A/B swap.
+
+Layout of one row (turns in order, each turn interleaved):
+
+    [specials] Prompt: p_1 Response A: a_1 Response B: b_1 ... Prompt: p_n Response A: a_n Response B: b_n [specials]
+
+Truncation policy, all counted in tokens of the model's own tokenizer:
+1. The budget is `max_length` minus the tokenizer's special tokens (e.g. [CLS] ... [SEP]).
+2. Turns are taken from the latest backwards and kept whole while they fit: the latest turns matter most.
+3. The first turn that does not fit whole is kept cut when at least `min_turn_tokens` remain for its
+   texts (the latest turn is always kept, however little room there is); older turns are dropped.
+4. A cut turn shares its room max-min fairly between prompt, response A and response B (water-filling):
+   short texts are kept whole and the longer ones get equal shares of what is left, so A and B are
+   treated symmetrically.
+5. A cut text keeps its head and its tail (`head_fraction` of the kept tokens from the head), joined by
+   an ellipsis marker: openings and conclusions of long responses carry most of the signal.
+This module depends on nothing but a tokenizer object and is tested without Ray.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from app.config import FormatConfig
+
+MARKERS = {"prompt": "Prompt:", "response_a": "Response A:", "response_b": "Response B:", "ellipsis": "[...]"}
+SWAPPED_LABEL = (1, 0, 2)  # A wins <-> B wins; a tie stays a tie
+
+
+class Tokenizer(Protocol):
+    """The part of a Hugging Face tokenizer that formatting uses."""
+
+    def __call__(self, text: list[str], add_special_tokens: bool = ...) -> dict[str, list[list[int]]]: ...
+
+
+
+@dataclass(frozen=True)
+class Markers:
+    """Token ids of the fixed marker strings, tokenized once per tokenizer."""
+
+    prompt: list[int]
+    response_a: list[int]
+    response_b: list[int]
+    ellipsis: list[int]
+    prefix: list[int]  # special tokens the tokenizer puts before a text, e.g. [CLS] or <bos>
+    suffix: list[int]  # and after it, e.g. [SEP] or </s>
+
+    @property
+    def n_special(self) -> int:
+        return len(self.prefix) + len(self.suffix)
+
+    @property
+    def per_turn(self) -> int:
+        return len(self.prompt) + len(self.response_a) + len(self.response_b)
+
+
+def build_markers(tokenizer: Tokenizer) -> Markers:
+    """Tokenize the marker strings with the model's tokenizer."""
+    names = list(MARKERS)
+    ids = tokenizer([MARKERS[name] for name in names], add_special_tokens=False)["input_ids"]
+    by_name = dict(zip(names, ids))
+    # Learn the specials by difference: with = prefix + without + suffix, for BERT, Llama, T5 alike.
+    probe = "probe"
+    without, with_specials = (tokenizer([probe], add_special_tokens=flag)["input_ids"][0] for flag in (False, True))
+    start = next(i for i in range(len(with_specials)) if with_specials[i : i + len(without)] == without)
+    prefix, suffix = with_specials[:start], with_specials[start + len(without) :]
+    return Markers(**by_name, prefix=prefix, suffix=suffix)
+
+
+def share_budget(lengths: Sequence[int], budget: int) -> list[int]:
+    """Split `budget` tokens max-min fairly between texts of the given lengths (water-filling).
+
+    Texts shorter than their fair share keep all their tokens; the rest split what remains equally.
+    The result sums to min(budget, sum(lengths)); equal lengths get equal shares up to one token.
+    """
+    if budget < 0:
+        raise ValueError(f"budget must be >= 0, got {budget}")
+    if sum(lengths) <= budget:
+        return list(lengths)
+    shares = [0] * len(lengths)
+    remaining = budget
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    for rank, index in enumerate(order):
+        share = min(lengths[index], remaining // (len(order) - rank))
+        shares[index] = share
+        remaining -= share
+    # Integer division may leave < n tokens unassigned; give them to the longest texts, one each.
+    for index in reversed(order):
+        if remaining == 0:
+            break
+        if shares[index] < lengths[index]:
+            shares[index] += 1
+            remaining -= 1
+    return shares
+
+
+def keep_head_tail(ids: list[int], keep: int, head_fraction: float, ellipsis: list[int]) -> list[int]:
+    """Cut `ids` to `keep` tokens, keeping its head and tail joined by the ellipsis marker."""
+    if len(ids) <= keep:
+        return ids
+    if keep <= len(ellipsis):
+        return ids[:keep]
+    room = keep - len(ellipsis)
+    head = round(room * head_fraction)
+    tail = room - head
+    return ids[:head] + ellipsis + (ids[len(ids) - tail :] if tail else [])
+
+
+def assemble(
+    turns: Sequence[tuple[list[int], list[int], list[int]]],
+    markers: Markers,
+    config: FormatConfig,
+) -> list[int]:
+    """Interleave tokenized (prompt, response_a, response_b) turns under the budget; add specials."""
+    budget = config.max_length - markers.n_special
+    kept: list[list[int]] = []
+    remaining = budget
+    for turn_index in range(len(turns) - 1, -1, -1):
+        pieces = turns[turn_index]
+        cost = markers.per_turn + sum(len(piece) for piece in pieces)
+        if cost <= remaining:
+            kept.append(_interleave(pieces, markers))
+            remaining -= cost
+            continue
+        room = remaining - markers.per_turn
+        if room >= config.min_turn_tokens or not kept:
+            shares = share_budget([len(piece) for piece in pieces], max(room, 0))
+            cut = [keep_head_tail(p, s, config.head_fraction, markers.ellipsis) for p, s in zip(pieces, shares)]
+            kept.append(_interleave(cut, markers))
+        break
+    body = [token for turn in reversed(kept) for token in turn]
+    return body[:budget]  # only bites when the markers alone overflow a tiny max_length
+
+
+def _interleave(pieces: Sequence[list[int]], markers: Markers) -> list[int]:
+    prompt, response_a, response_b = pieces
+    return markers.prompt + prompt + markers.response_a + response_a + markers.response_b + response_b
+
+
+class PairEncoder:
+    """Encode rows of (prompt, response_a, response_b) turn lists into model inputs."""
+
+    def __init__(self, tokenizer: Tokenizer, config: FormatConfig) -> None:
+        self.tokenizer = tokenizer
+        self.config = config
+        self.markers = build_markers(tokenizer)
+        if config.max_length - self.markers.n_special < self.markers.per_turn:
+            raise ValueError(f"format.max_length={config.max_length} leaves no room for text; raise it")
+
+    def encode(
+        self,
+        prompts: Sequence[Sequence[str]],
+        responses_a: Sequence[Sequence[str]],
+        responses_b: Sequence[Sequence[str]],
+        swap: bool = False,
+    ) -> list[list[int]]:
+        """Token ids per row; `swap=True` encodes each row with A and B exchanged."""
+        if swap:
+            responses_a, responses_b = responses_b, responses_a
+        # Tokenize every text of the batch in one call (fast tokenizers parallelise it), then regroup.
+        flat: list[str] = []
+        shapes: list[int] = []
+        for prompt, response_a, response_b in zip(prompts, responses_a, responses_b, strict=True):
+            n_turns = max(len(prompt), len(response_a), len(response_b))
+            shapes.append(n_turns)
+            for turns in (prompt, response_a, response_b):
+                flat.extend(turns[t] if t < len(turns) else "" for t in range(n_turns))
+        ids = self.tokenizer(flat, add_special_tokens=False, verbose=False)["input_ids"] if flat else []
+        encoded, cursor = [], 0
+        for n_turns in shapes:
+            prompt_ids = ids[cursor : cursor + n_turns]
+            a_ids = ids[cursor + n_turns : cursor + 2 * n_turns]
+            b_ids = ids[cursor + 2 * n_turns : cursor + 3 * n_turns]
+            cursor += 3 * n_turns
+            body = assemble(list(zip(prompt_ids, a_ids, b_ids)), self.markers, self.config)
+            encoded.append(self.markers.prefix + body + self.markers.suffix)
+        return encoded
+
+
+def swap_labels(labels: Sequence[int]) -> list[int]:
+    """The labels of the A/B-swapped rows."""
+    return [SWAPPED_LABEL[label] for label in labels]

@@ -1,0 +1,52 @@
+"""In-process inference from a checkpoint: length-sorted token-budget batches, optional A/B swap TTA."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from app.batching import pad_batch, token_budget_batches
+from app.formatting import SWAPPED_LABEL, PairEncoder
+from app.metrics import softmax
+from app.modeling import load_checkpoint
+
+
+class Predictor:
+    """A checkpoint loaded once, predicting class probabilities for batches of rows."""
+
+    def __init__(self, checkpoint_dir: str, tokens_per_batch: int = 8192, device: str | None = None,
+                 num_threads: int | None = None) -> None:
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        loaded = load_checkpoint(checkpoint_dir, self.device)
+        self.model, self.config, self.meta = loaded.model, loaded.config, loaded.meta
+        self.encoder = PairEncoder(loaded.tokenizer, self.config.format)  # the training truncation policy
+        self.pad_id = loaded.tokenizer.pad_token_id
+        self.tokens_per_batch = tokens_per_batch
+
+    @torch.no_grad()
+    def logits_of(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+        """(N, 3) logits of encoded rows, computed longest-first in batches of <= tokens_per_batch tokens."""
+        logits = np.zeros((len(sequences), 3), dtype=np.float32)
+        for batch in token_budget_batches([len(s) for s in sequences], self.tokens_per_batch):
+            input_ids, attention_mask = pad_batch([sequences[i] for i in batch], self.pad_id)
+            output = self.model(input_ids=torch.from_numpy(input_ids).to(self.device),
+                                attention_mask=torch.from_numpy(attention_mask).to(self.device))
+            logits[batch] = output.logits.float().cpu().numpy()
+        return logits
+
+    def predict(self, prompts: Sequence[Sequence[str]], responses_a: Sequence[Sequence[str]],
+                responses_b: Sequence[Sequence[str]], tta_swap: bool = False) -> np.ndarray:
+        """(N, 3) probabilities of A wins, B wins, tie.
+
+        With `tta_swap` the rows are also scored with A and B exchanged, that view's A/B columns are
+        swapped back, and the two views' probabilities are averaged.
+        """
+        probs = softmax(self.logits_of(self.encoder.encode(prompts, responses_a, responses_b)))
+        if tta_swap:
+            swapped = softmax(self.logits_of(self.encoder.encode(prompts, responses_a, responses_b, swap=True)))
+            probs = (probs + swapped[:, list(SWAPPED_LABEL)]) / 2
+        return probs

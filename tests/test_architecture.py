@@ -1,0 +1,56 @@
+"""The dependency rule: app imports none of jobs/tuning/serve; those three never import each other.
+
+Checked on the source with ast, so it holds for every module whether or not a test imports it.
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ADAPTERS = ("jobs", "tuning", "serve")
+ALLOWED = {"app": set(), "jobs": {"app"}, "tuning": {"app"}, "serve": {"app"}}
+
+
+def imported_packages(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names & set(ALLOWED)
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_packages_import_only_what_the_rule_allows(package):
+    for path in sorted((ROOT / package).rglob("*.py")):
+        forbidden = imported_packages(path) - ALLOWED[package] - {package}
+        assert not forbidden, f"{path.relative_to(ROOT)} imports {sorted(forbidden)}"
+
+
+def test_adapters_do_not_import_each_other_even_relatively():
+    for package in ADAPTERS:
+        for path in (ROOT / package).rglob("*.py"):
+            tree = ast.parse(path.read_text())
+            relative = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level > 1]
+            assert not relative, f"{path.relative_to(ROOT)} climbs out of its package with a relative import"
+
+
+def test_the_checker_catches_a_violation(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("from jobs.train import main\nimport serve.app\n")
+    assert imported_packages(bad) == {"jobs", "serve"}
+
+
+def test_importing_app_does_no_work(tmp_path):
+    """No directories, clusters or models at import time."""
+    import subprocess
+    import sys
+
+    code = ("import app.config, app.data, app.formatting, app.metrics, app.batching, app.synthetic; "
+            "import sys; assert 'ray' not in sys.modules and 'torch' not in sys.modules, sorted(sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]

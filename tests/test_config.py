@@ -1,0 +1,77 @@
+"""The typed config: one override path, validation errors that name the key, presets that load."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from app.config import Config, ConfigError, apply_overrides, flatten_keys, load_config, parse_override
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_defaults_load_without_a_file():
+    config = load_config()
+    assert config == Config()
+    assert config.train.lr == 5e-5 and config.scaling.num_workers == 2
+
+
+def test_overrides_from_command_line_and_mapping_agree():
+    from_cli = load_config(None, ["train.lr=1e-4", "scaling.use_gpu=true", "data.max_rows=100", "run.name=x"])
+    from_map = load_config(None, {"train.lr": 1e-4, "scaling.use_gpu": True, "data.max_rows": 100, "run.name": "x"})
+    assert from_cli == from_map
+    assert from_cli.train.lr == 1e-4 and from_cli.scaling.use_gpu is True
+
+
+def test_override_values_are_read_as_yaml():
+    assert parse_override("data.train_path=null") == ("data.train_path", None)
+    assert parse_override("train.epochs=3") == ("train.epochs", 3)
+    assert parse_override("run.name=a=b") == ("run.name", "a=b")
+
+
+def test_unknown_key_suggests_the_closest():
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.lrr'; did you mean 'train\.lr'"):
+        load_config(None, ["train.lrr=1"])
+
+
+def test_bad_value_names_the_dotted_key():
+    with pytest.raises(ConfigError, match=r"train\.batch_size"):
+        load_config(None, ["train.batch_size=0"])
+    with pytest.raises(ConfigError, match=r"train\.precision"):
+        load_config(None, ["train.precision=fp8"])
+
+
+def test_unknown_key_in_a_file_is_named(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  epocs: 3\n")
+    with pytest.raises(ConfigError, match=r"train\.epocs: unknown key; did you mean 'train\.epochs'"):
+        load_config(path)
+
+
+def test_cross_field_rule():
+    with pytest.raises(ConfigError, match="valid_fold"):
+        load_config(None, ["data.n_folds=3", "data.valid_fold=3"])
+
+
+def test_override_that_is_not_key_value():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(None, ["train.lr"])
+
+
+def test_apply_overrides_does_not_mutate_its_input():
+    raw = {"train": {"lr": 1.0}}
+    apply_overrides(raw, {"train.lr": 2.0})
+    assert raw == {"train": {"lr": 1.0}}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_preset_validates_and_holds_only_differences(path):
+    load_config(path)
+    raw = yaml.safe_load(path.read_text()) or {}
+    defaults = flatten_keys(Config().model_dump(mode="json"))
+    same = {key: value for key, value in flatten_keys(raw).items() if defaults.get(key) == value}
+    assert not same, f"{path.name} repeats defaults: {same}"
+
+
+def test_there_are_presets():
+    assert {"demo.yaml", "tiny.yaml"} <= {p.name for p in CONFIGS}

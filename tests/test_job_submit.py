@@ -1,0 +1,64 @@
+"""The real path users take: `ray start --head`, then `ray job submit --working-dir . -- python -m jobs.train`."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stop_head(temp_dir: str) -> None:
+    """Stop only this head's processes (`ray stop` would also stop the test session's own Ray)."""
+    import psutil
+
+    mine = []
+    for process in psutil.process_iter(["cmdline"]):
+        if temp_dir in " ".join(process.info["cmdline"] or []):
+            mine.append(process)
+            process.terminate()
+    _, alive = psutil.wait_procs(mine, timeout=20)
+    for process in alive:
+        process.kill()
+
+
+@pytest.fixture
+def ray_head():
+    temp_dir = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    port, dashboard = free_port(), free_port()
+    subprocess.run([BIN / "ray", "start", "--head", f"--port={port}", "--num-cpus=2",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                    f"--temp-dir={temp_dir}"], env=env, check=True, capture_output=True, timeout=180)
+    try:
+        yield env | {"RAY_ADDRESS": f"http://127.0.0.1:{dashboard}"}
+    finally:
+        stop_head(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_ray_job_submit_trains_and_writes_a_checkpoint(ray_head, tmp_path):
+    storage = tmp_path / "runs"
+    command = [BIN / "ray", "job", "submit", "--working-dir", ".", "--", "python", "-m", "jobs.train",
+               "--config", "configs/tiny.yaml", f"run.storage_path={storage}", "run.name=submitted",
+               "scaling.num_workers=1", "data.builtin_rows=120", "train.max_steps=3"]
+    result = subprocess.run(command, cwd=ROOT, env=ray_head, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "succeeded" in result.stdout
+    summary = json.loads((storage / "submitted" / "summary.json").read_text())
+    assert Path(summary["best_checkpoint"], "model.safetensors").exists()
+    assert summary["best_metrics"]["step"] == 3
