@@ -71,7 +71,8 @@ def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optim
     return torch.optim.AdamW(groups, lr=config.train.lr, fused=False)
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, float]]:
+    """Train, evaluating and reporting every epoch; returns the per-epoch metrics (Ray hands rank 0's back)."""
     config = validate_config(loop_config["config"], "worker config")
     rows_per_worker: int = loop_config["rows_per_worker"]
     context = ray.train.get_context()
@@ -95,7 +96,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     train_shard = ray.train.get_dataset_shard("train")
     valid_data = ray.train.get_dataset_shard("valid")
-    step = 0
+    step, history = 0, []
     for epoch in range(config.train.epochs):
         model.train()
         started, real_tokens, padded_tokens, rows_seen = time.perf_counter(), 0, 0, 0
@@ -151,9 +152,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         }
         valid_metrics = evaluate(model, valid_data, config, device, autocast_dtype, pad_id, rank, world)
         metrics.update({f"valid_{name}": value for name, value in valid_metrics.items()})
+        history.append(metrics)
         report(metrics, model, tokenizer, config, epoch, rank)
         if step >= total_steps:
             break
+    return history
 
 
 @torch.no_grad()

@@ -139,8 +139,8 @@ def fit(config: Config) -> FitResult:
                             rows_per_worker)
     result = trainer.fit()
     checkpoint, metrics = min(result.best_checkpoints, key=lambda pair: pair[1]["valid_log_loss"])
-    history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else [metrics]
-    summary = {"best_checkpoint": checkpoint.path, "best_metrics": metrics, "n_rejected": n_rejected}
+    history = result.return_value or []
+    summary = {"best_checkpoint": checkpoint.path, "best_metrics": metrics, "history": history, "n_rejected": n_rejected}
     if "://" not in run_dir:
         with open(os.path.join(run_dir, "summary.json"), "w", encoding="utf-8") as handle:
             json.dump(summary, handle, indent=2, default=float)

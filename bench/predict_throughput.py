@@ -1,0 +1,246 @@
+"""Prediction throughput: our batch Predictor vs a plain loop of fixed batches padded to max_length.
+
+    HF_HUB_OFFLINE=1 python -m bench.predict_throughput --checkpoint runs/demo/epoch_000 --rows 2000 --json-out predict.json
+
+Both run in this process, one after the other, on the same checkpoint, rows and torch threads, in eval
+mode under torch.no_grad, and get the same inputs: every row encoded by the checkpoint's PairEncoder (our
+truncation policy). They differ only in batching:
+
+- ours: `Predictor.predict` sorts rows by length and packs them into batches of at most
+  --tokens-per-batch padded tokens, each padded to its own longest row;
+- baseline: rows in input order, --batch-size rows per batch, every batch padded to max_length.
+
+With --ray, a third row times `app.prediction.predict_file` (Ray Data actor pool over a CSV file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+# torch, transformers and ray are imported inside functions: huggingface_hub reads HF_HUB_OFFLINE when it
+# is imported, and main() sets it first.
+
+WARMUP_ROWS = 8  # one small forward per system before timing (first-call allocations, lazy init)
+
+
+@dataclass
+class Measurement:
+    """One system's end-to-end and model-only throughput."""
+
+    system: str
+    rows: int
+    seconds: float  # encode + forward (+ for Ray: file read, actor start, model load)
+    model_seconds: float | None  # forward passes only, on pre-encoded rows
+    real_tokens: int
+    computed_tokens: int
+    max_abs_diff: float  # vs ours, on probabilities
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def best_of(repeats: int, run: Callable[[], Any]) -> tuple[float, Any]:
+    """Run `repeats` times; return the shortest time and the last result."""
+    times, result = [], None
+    for _ in range(repeats):
+        started = time.perf_counter()
+        result = run()
+        times.append(time.perf_counter() - started)
+    return min(times), result
+
+
+def padded_batches_fixed(sequences: Sequence[Sequence[int]], batch_size: int, max_length: int, pad_id: int):
+    """Yield (input_ids, attention_mask) of (B, max_length) for rows in input order."""
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start : start + batch_size]
+        input_ids = np.full((len(chunk), max_length), pad_id, dtype=np.int64)
+        attention_mask = np.zeros((len(chunk), max_length), dtype=np.int64)
+        for row, seq in enumerate(chunk):
+            input_ids[row, : len(seq)] = seq
+            attention_mask[row, : len(seq)] = 1
+        yield input_ids, attention_mask
+
+
+def baseline_logits(model, sequences: Sequence[Sequence[int]], batch_size: int, max_length: int, pad_id: int) -> np.ndarray:
+    """(N, 3) logits from fixed-size batches, each padded to max_length."""
+    import torch
+
+    parts = []
+    with torch.no_grad():
+        for input_ids, attention_mask in padded_batches_fixed(sequences, batch_size, max_length, pad_id):
+            output = model(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(attention_mask))
+            parts.append(output.logits.float().numpy())
+    return np.concatenate(parts)
+
+
+def ours_computed_tokens(lengths: Sequence[int], tokens_per_batch: int) -> int:
+    """Padded tokens the Predictor computes: each token-budget batch is rows x its longest row."""
+    from app.batching import token_budget_batches
+
+    return sum(len(batch) * max(lengths[i] for i in batch) for batch in token_budget_batches(lengths, tokens_per_batch))
+
+
+def measure_ray(checkpoint: str, data_path: str, frame, tokens_per_batch: int, threads: int,
+                reference: np.ndarray, real_tokens: int, computed_tokens: int) -> Measurement:
+    """`predict_file` over the CSV with one actor of `threads` CPUs; its time includes Ray's own setup."""
+    import pandas as pd
+    import ray
+
+    from app.cluster import connect
+    from app.config import PredictConfig
+    from app.data import LABEL_COLUMNS
+    from app.prediction import predict_file
+
+    config = PredictConfig(tokens_per_batch=tokens_per_batch, num_actors=1, cpus_per_actor=threads)
+    connect()
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench_predict_") as scratch:
+            output = os.path.join(scratch, "submission.csv")
+            report = predict_file(checkpoint, data_path, output, config)
+            submission = pd.read_csv(output, dtype={"id": str}).set_index("id").loc[list(frame["id"])]
+    finally:
+        ray.shutdown()
+    probs = submission[list(LABEL_COLUMNS)].to_numpy()
+    return Measurement(
+        system="ours via Ray Data (predict_file, 1 actor)",
+        rows=report.rows, seconds=report.seconds, model_seconds=None, real_tokens=real_tokens,
+        computed_tokens=computed_tokens, max_abs_diff=float(np.abs(probs - reference).max()),
+        details={"timed": "predict_file: CSV read + validation, Ray Data actor start, model load, encode, forward, "
+                          "writing submission.csv (Ray start excluded); submission holds 8 decimals"},
+    )
+
+
+def load_rows(data: str | None, rows: int | None, scratch: str):
+    """The first `rows` rows of `data` (or of built-in synthetic test data) and the CSV they came from."""
+    from app.data import load_pairs, read_table
+    from app.synthetic import write_builtin_dataset
+
+    if data is None:
+        data = write_builtin_dataset(os.path.join(scratch, "data"), n_train=50, n_test=rows or 1000)["test"]
+    frame = load_pairs(data, require_labels=False).frame
+    if rows is not None and rows < len(frame):
+        frame = frame.iloc[:rows].reset_index(drop=True)
+        # --ray reads a file: give it exactly these rows (every cell is kept as the text it was read as).
+        subset = os.path.join(scratch, "rows.csv")
+        read_table(data).iloc[:rows].to_csv(subset, index=False)
+        data = subset
+    return frame, data
+
+
+def render(results: list[Measurement], settings: dict[str, Any]) -> str:
+    ours, baseline = results[0], results[1]
+    lines = ["## Prediction throughput", ""]
+    lines += [f"- {key}: {value}" for key, value in settings.items()]
+    lines += ["", "| system | rows/s (encode + forward) | rows/s (forward only) | real-token share "
+              "| speed-up vs baseline (end to end) | speed-up vs baseline (forward only) | max abs diff of probs vs ours |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for m in results:
+        model_rate = f"{m.rows / m.model_seconds:.1f}" if m.model_seconds else "n/a"
+        model_ratio = (f"{baseline.model_seconds / m.model_seconds:.2f}x"
+                       if m.model_seconds and baseline.model_seconds else "n/a")
+        lines.append(f"| {m.system} | {m.rows / m.seconds:.1f} | {model_rate} | {m.real_tokens / m.computed_tokens:.3f} "
+                     f"| {baseline.seconds / m.seconds:.2f}x | {model_ratio} | {m.max_abs_diff:.2e} |")
+    agree = ours.max_abs_diff < 1e-4 and baseline.max_abs_diff < 1e-4
+    lines += [
+        "",
+        f"Probabilities agree (max abs diff < 1e-4): {'yes' if agree else 'NO'} "
+        f"(baseline vs ours: {baseline.max_abs_diff:.2e}).",
+        "Timed: 'encode + forward' = PairEncoder.encode of all rows, then every forward pass and softmax "
+        "(ours: one Predictor.predict call); 'forward only' = the forward passes over pre-encoded rows "
+        "(ours: Predictor.logits_of). Model loading is excluded. Each time is the best of --repeats runs, "
+        f"after one {WARMUP_ROWS}-row warm-up forward per system.",
+    ]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint folder written by training (has arena.json)")
+    parser.add_argument("--data", help="Kaggle test or train .csv/.csv.gz/.parquet; default: built-in synthetic test rows")
+    parser.add_argument("--rows", type=int, help="use the first N rows (built-in default: 1000)")
+    parser.add_argument("--batch-size", type=int, default=32, help="baseline rows per batch")
+    parser.add_argument("--tokens-per-batch", type=int, default=8192, help="ours: padded tokens per batch")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for both (and the Ray actor's CPUs)")
+    parser.add_argument("--repeats", type=int, default=1, help="time each system this many times, keep the best")
+    parser.add_argument("--ray", action="store_true", help="also time predict_file on a local Ray (Ray Data)")
+    parser.add_argument("--json-out", help="also write the numbers and settings to this JSON file")
+    args = parser.parse_args(argv)
+    if args.rows is not None and args.rows < 1:
+        parser.error("--rows must be at least 1")
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+    import transformers
+
+    from app.inference import Predictor
+    from app.metrics import softmax
+
+    predictor = Predictor(args.checkpoint, tokens_per_batch=args.tokens_per_batch, num_threads=args.threads)
+    torch.set_num_threads(args.threads)
+    max_length, pad_id = predictor.config.format.max_length, predictor.pad_id
+    with tempfile.TemporaryDirectory(prefix="bench_predict_") as scratch:
+        frame, data_path = load_rows(args.data, args.rows, scratch)
+        texts = (list(frame["prompt"]), list(frame["response_a"]), list(frame["response_b"]))
+        sequences = predictor.encoder.encode(*texts)
+        lengths = [len(seq) for seq in sequences]
+        real_tokens = sum(lengths)
+        computed_tokens = ours_computed_tokens(lengths, args.tokens_per_batch)
+
+        predictor.logits_of(sequences[:WARMUP_ROWS])
+        ours_seconds, ours_probs = best_of(args.repeats, lambda: predictor.predict(*texts))
+        ours_model_seconds, ours_logits = best_of(args.repeats, lambda: predictor.logits_of(sequences))
+
+        model = predictor.model.eval()
+        baseline_logits(model, sequences[:WARMUP_ROWS], args.batch_size, max_length, pad_id)
+        baseline_seconds, baseline_probs = best_of(args.repeats, lambda: softmax(baseline_logits(
+            model, predictor.encoder.encode(*texts), args.batch_size, max_length, pad_id)))
+        baseline_model_seconds, _ = best_of(args.repeats, lambda: baseline_logits(
+            model, sequences, args.batch_size, max_length, pad_id))
+
+        results = [
+            Measurement("ours: Predictor (length-sorted, token-budget batches, dynamic padding)", len(frame),
+                        ours_seconds, ours_model_seconds, real_tokens, computed_tokens,
+                        float(np.abs(softmax(ours_logits) - ours_probs).max())),
+            Measurement(f"baseline: fixed batches of {args.batch_size} in input order, padded to max_length",
+                        len(frame), baseline_seconds, baseline_model_seconds, real_tokens,
+                        len(frame) * max_length, float(np.abs(baseline_probs - ours_probs).max())),
+        ]
+        if args.ray:
+            results.append(measure_ray(args.checkpoint, data_path, frame, args.tokens_per_batch, args.threads,
+                                       ours_probs, real_tokens, computed_tokens))
+    settings = {
+        "checkpoint": f"{args.checkpoint} (model {predictor.config.model.name_or_path}, max_length {max_length})",
+        "data": f"{args.data or 'built-in synthetic test rows'}, {len(frame)} rows, mean {statistics.mean(lengths):.0f} "
+                f"/ max {max(lengths)} tokens per row",
+        "ours": f"tokens_per_batch {args.tokens_per_batch}",
+        "baseline": f"batch_size {args.batch_size}, padded to max_length {max_length}",
+        "threads": f"torch {torch.get_num_threads()} threads for both, eval mode, torch.no_grad, fp32",
+        "repeats": f"{args.repeats} (best time kept)",
+        "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}, Python "
+                   f"{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}",
+    }
+    print(render(results, settings), flush=True)
+    if args.json_out:
+        with open(args.json_out, "w", encoding="utf-8") as handle:
+            json.dump({"settings": settings, "results": [asdict(m) for m in results]}, handle, indent=2)
+        print(f"\nwrote {args.json_out}")
+
+
+if __name__ == "__main__":
+    main()
