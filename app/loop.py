@@ -141,6 +141,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, float]]
                     if rank == 0 and step % config.train.log_every_steps == 0:
                         print(f"epoch {epoch} step {step}/{total_steps} loss {loss_sum / loss_count:.4f} "
                               f"lr {scheduler.get_last_lr()[0]:.2e}", flush=True)
+            if step >= total_steps:
+                break  # max_steps reached: stop reading the shard too
         elapsed = time.perf_counter() - started
         metrics = {
             "epoch": epoch,

@@ -48,14 +48,19 @@ class Measurement:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def best_of(repeats: int, run: Callable[[], Any]) -> tuple[float, Any]:
-    """Run `repeats` times; return the shortest time and the last result."""
-    times, result = [], None
+def time_interleaved(runs: dict[str, Callable[[], Any]], repeats: int) -> tuple[dict[str, float], dict[str, Any]]:
+    """Time each run `repeats` times, in rounds (a, b, ..., a, b, ...) so drifting machine load hits all alike.
+
+    Returns the shortest time and the last result of each run, by name.
+    """
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    results: dict[str, Any] = {}
     for _ in range(repeats):
-        started = time.perf_counter()
-        result = run()
-        times.append(time.perf_counter() - started)
-    return min(times), result
+        for name, run in runs.items():
+            started = time.perf_counter()
+            results[name] = run()
+            times[name].append(time.perf_counter() - started)
+    return {name: min(values) for name, values in times.items()}, results
 
 
 def padded_batches_fixed(sequences: Sequence[Sequence[int]], batch_size: int, max_length: int, pad_id: int):
@@ -157,8 +162,9 @@ def render(results: list[Measurement], settings: dict[str, Any]) -> str:
         "Timed: 'encode + forward' = PairEncoder.encode of all rows, then every forward pass and softmax "
         "(ours: one Predictor.predict call); 'forward only' = the forward passes over pre-encoded rows "
         "(ours: Predictor.logits_of). Model loading is excluded. Each time is the best of --repeats runs, "
-        f"after one {WARMUP_ROWS}-row warm-up forward per system.",
+        f"taken in alternating rounds, after one {WARMUP_ROWS}-row warm-up forward per system.",
     ]
+    lines += [f"{m.system}: timed = {m.details['timed']}." for m in results if "timed" in m.details]
     return "\n".join(lines)
 
 
@@ -185,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # Ray processes inherit it; bars would clutter the table
     import torch
     import transformers
 
@@ -202,24 +209,24 @@ def main(argv: list[str] | None = None) -> None:
         real_tokens = sum(lengths)
         computed_tokens = ours_computed_tokens(lengths, args.tokens_per_batch)
 
-        predictor.logits_of(sequences[:WARMUP_ROWS])
-        ours_seconds, ours_probs = best_of(args.repeats, lambda: predictor.predict(*texts))
-        ours_model_seconds, ours_logits = best_of(args.repeats, lambda: predictor.logits_of(sequences))
-
         model = predictor.model.eval()
+        predictor.logits_of(sequences[:WARMUP_ROWS])
         baseline_logits(model, sequences[:WARMUP_ROWS], args.batch_size, max_length, pad_id)
-        baseline_seconds, baseline_probs = best_of(args.repeats, lambda: softmax(baseline_logits(
-            model, predictor.encoder.encode(*texts), args.batch_size, max_length, pad_id)))
-        baseline_model_seconds, _ = best_of(args.repeats, lambda: baseline_logits(
-            model, sequences, args.batch_size, max_length, pad_id))
-
+        seconds, outputs = time_interleaved({
+            "ours": lambda: predictor.predict(*texts),
+            "ours_model": lambda: predictor.logits_of(sequences),
+            "baseline": lambda: softmax(baseline_logits(model, predictor.encoder.encode(*texts), args.batch_size,
+                                                        max_length, pad_id)),
+            "baseline_model": lambda: baseline_logits(model, sequences, args.batch_size, max_length, pad_id),
+        }, args.repeats)
+        ours_probs = outputs["ours"]
         results = [
             Measurement("ours: Predictor (length-sorted, token-budget batches, dynamic padding)", len(frame),
-                        ours_seconds, ours_model_seconds, real_tokens, computed_tokens,
-                        float(np.abs(softmax(ours_logits) - ours_probs).max())),
+                        seconds["ours"], seconds["ours_model"], real_tokens, computed_tokens,
+                        float(np.abs(softmax(outputs["ours_model"]) - ours_probs).max())),
             Measurement(f"baseline: fixed batches of {args.batch_size} in input order, padded to max_length",
-                        len(frame), baseline_seconds, baseline_model_seconds, real_tokens,
-                        len(frame) * max_length, float(np.abs(baseline_probs - ours_probs).max())),
+                        len(frame), seconds["baseline"], seconds["baseline_model"], real_tokens,
+                        len(frame) * max_length, float(np.abs(outputs["baseline"] - ours_probs).max())),
         ]
         if args.ray:
             results.append(measure_ray(args.checkpoint, data_path, frame, args.tokens_per_batch, args.threads,

@@ -230,8 +230,9 @@ def render(results: list[Measurement], settings: dict[str, Any]) -> str:
                      f"| {ratio(m.real_tokens_per_s, dynamic)} | {m.wall_s:.1f} |")
     lines += [
         "",
-        "Timed: ours = each worker's own clock from the start of its epoch loop (first shard fetch) to its last "
-        "optimizer step, rank 0's rows and tokens x workers; it excludes Ray start, Ray Data tokenization, model "
+        "Timed: ours = each worker's own clock over its epoch loop, from the first shard fetch through the last "
+        "optimizer step (the loop then reads past the rest of its shard, a few ms a window), rank 0's rows and "
+        "tokens x workers; it excludes Ray start, Ray Data tokenization, model "
         "build, evaluation and checkpointing. HF = from the first on_epoch_begin to the last on_step_end (all "
         "steps, the first included); it excludes tokenization, model build and Trainer setup. Both include "
         "fetching and padding batches. 'whole call s' includes all setup (ours: Ray start + fit with "
@@ -261,6 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # Ray processes inherit it; bars would clutter the table
     import ray
     import torch
     import transformers
