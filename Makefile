@@ -27,13 +27,16 @@ $(STAMP): pyproject.toml
 test: setup
 	RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.2 $(PY) -m pytest -q
 
-# A real `ray job submit` round trip: start a local head, train, predict, stop the head.
+# A real `ray job submit` round trip: start a local head, train, predict, stop that head only
+# (`ray stop` would also stop every other Ray on the machine).
 demo: setup
 	@set -euo pipefail; export PATH="$(CURDIR)/$(VENV)/bin:$$PATH" RAY_AUTH_MODE=token; \
-	ray start --head --port=$(DEMO_RAY_PORT) --num-cpus=4 --dashboard-host=127.0.0.1 \
+	temp=$$(mktemp -d /tmp/arena-demo.XXXXXX); \
+	ray start --head --port=$(DEMO_RAY_PORT) --num-cpus=4 --dashboard-host=127.0.0.1 --temp-dir=$$temp \
 	    --dashboard-port=$(DEMO_DASHBOARD_PORT) --disable-usage-stats >/dev/null; \
-	trap 'ray stop >/dev/null 2>&1 || true' EXIT; \
+	trap 'pkill -TERM -f -- "$$temp" || true; sleep 3; pkill -KILL -f -- "$$temp" || true; rm -rf "$$temp"' EXIT; \
 	export RAY_ADDRESS=http://127.0.0.1:$(DEMO_DASHBOARD_PORT); \
+	for i in $$(seq 60); do ray job submit --no-wait -- true >/dev/null 2>&1 && break; sleep 2; done; \
 	ray job submit --working-dir . -- python -m jobs.train --config configs/demo.yaml \
 	    run.storage_path=$(DEMO_RUNS); \
 	checkpoint=$$($(PY) -c "import json; print(json.load(open('$(DEMO_RUNS)/demo/summary.json'))['best_checkpoint'])"); \

@@ -14,6 +14,10 @@ Truncation policy, all counted in tokens of the model's own tokenizer:
    treated symmetrically.
 5. A cut text keeps its head and its tail (`head_fraction` of the kept tokens from the head), joined by
    an ellipsis marker: openings and conclusions of long responses carry most of the signal.
+
+Segment ids mark response B (its marker and text) as segment 1 and everything else as segment 0, the
+sentence-pair convention of BERT-style encoders: the model can tell A's tokens from B's directly, which
+makes comparing them much easier to learn (models without segment embeddings ignore them).
 This module depends on nothing but a tokenizer object and is tested without Ray.
 """
 
@@ -112,10 +116,13 @@ def assemble(
     turns: Sequence[tuple[list[int], list[int], list[int]]],
     markers: Markers,
     config: FormatConfig,
-) -> list[int]:
-    """Interleave tokenized (prompt, response_a, response_b) turns under the budget; add specials."""
+) -> tuple[list[int], list[int]]:
+    """Interleave tokenized (prompt, response_a, response_b) turns under the budget.
+
+    Returns the body's token ids and segment ids (1 on response B, 0 elsewhere), without specials.
+    """
     budget = config.max_length - markers.n_special
-    kept: list[list[int]] = []
+    kept: list[tuple[list[int], list[int]]] = []
     remaining = budget
     for turn_index in range(len(turns) - 1, -1, -1):
         pieces = turns[turn_index]
@@ -130,13 +137,16 @@ def assemble(
             cut = [keep_head_tail(p, s, config.head_fraction, markers.ellipsis) for p, s in zip(pieces, shares)]
             kept.append(_interleave(cut, markers))
         break
-    body = [token for turn in reversed(kept) for token in turn]
-    return body[:budget]  # only bites when the markers alone overflow a tiny max_length
+    body = [token for turn in reversed(kept) for token in turn[0]]
+    segments = [segment for turn in reversed(kept) for segment in turn[1]]
+    return body[:budget], segments[:budget]  # [:budget] only bites when markers alone overflow a tiny max_length
 
 
-def _interleave(pieces: Sequence[list[int]], markers: Markers) -> list[int]:
+def _interleave(pieces: Sequence[list[int]], markers: Markers) -> tuple[list[int], list[int]]:
     prompt, response_a, response_b = pieces
-    return markers.prompt + prompt + markers.response_a + response_a + markers.response_b + response_b
+    first = markers.prompt + prompt + markers.response_a + response_a
+    second = markers.response_b + response_b
+    return first + second, [0] * len(first) + [1] * len(second)
 
 
 class PairEncoder:
@@ -157,6 +167,16 @@ class PairEncoder:
         swap: bool = False,
     ) -> list[list[int]]:
         """Token ids per row; `swap=True` encodes each row with A and B exchanged."""
+        return self.encode_with_segments(prompts, responses_a, responses_b, swap)[0]
+
+    def encode_with_segments(
+        self,
+        prompts: Sequence[Sequence[str]],
+        responses_a: Sequence[Sequence[str]],
+        responses_b: Sequence[Sequence[str]],
+        swap: bool = False,
+    ) -> tuple[list[list[int]], list[list[int]]]:
+        """Token ids and segment ids per row (specials get segment 0)."""
         if swap:
             responses_a, responses_b = responses_b, responses_a
         # Tokenize every text of the batch in one call (fast tokenizers parallelise it), then regroup.
@@ -168,15 +188,16 @@ class PairEncoder:
             for turns in (prompt, response_a, response_b):
                 flat.extend(turns[t] if t < len(turns) else "" for t in range(n_turns))
         ids = self.tokenizer(flat, add_special_tokens=False, verbose=False)["input_ids"] if flat else []
-        encoded, cursor = [], 0
+        encoded, segments, cursor = [], [], 0
         for n_turns in shapes:
             prompt_ids = ids[cursor : cursor + n_turns]
             a_ids = ids[cursor + n_turns : cursor + 2 * n_turns]
             b_ids = ids[cursor + 2 * n_turns : cursor + 3 * n_turns]
             cursor += 3 * n_turns
-            body = assemble(list(zip(prompt_ids, a_ids, b_ids)), self.markers, self.config)
+            body, body_segments = assemble(list(zip(prompt_ids, a_ids, b_ids)), self.markers, self.config)
             encoded.append(self.markers.prefix + body + self.markers.suffix)
-        return encoded
+            segments.append([0] * len(self.markers.prefix) + body_segments + [0] * len(self.markers.suffix))
+        return encoded, segments
 
 
 def swap_labels(labels: Sequence[int]) -> list[int]:

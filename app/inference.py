@@ -7,10 +7,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from app.batching import pad_batch, token_budget_batches
+from app.batching import token_budget_batches
 from app.formatting import SWAPPED_LABEL, PairEncoder
 from app.metrics import softmax
-from app.modeling import load_checkpoint
+from app.modeling import forward_batch, load_checkpoint
 
 
 class Predictor:
@@ -28,14 +28,13 @@ class Predictor:
         self.tokens_per_batch = tokens_per_batch
 
     @torch.no_grad()
-    def logits_of(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+    def logits_of(self, sequences: Sequence[Sequence[int]], segments: Sequence[Sequence[int]]) -> np.ndarray:
         """(N, 3) logits of encoded rows, computed longest-first in batches of <= tokens_per_batch tokens."""
         logits = np.zeros((len(sequences), 3), dtype=np.float32)
         for batch in token_budget_batches([len(s) for s in sequences], self.tokens_per_batch):
-            input_ids, attention_mask = pad_batch([sequences[i] for i in batch], self.pad_id)
-            output = self.model(input_ids=torch.from_numpy(input_ids).to(self.device),
-                                attention_mask=torch.from_numpy(attention_mask).to(self.device))
-            logits[batch] = output.logits.float().cpu().numpy()
+            batch_logits, _ = forward_batch(self.model, [sequences[i] for i in batch], [segments[i] for i in batch],
+                                            self.pad_id, self.device)
+            logits[batch] = batch_logits.float().cpu().numpy()
         return logits
 
     def predict(self, prompts: Sequence[Sequence[str]], responses_a: Sequence[Sequence[str]],
@@ -45,8 +44,8 @@ class Predictor:
         With `tta_swap` the rows are also scored with A and B exchanged, that view's A/B columns are
         swapped back, and the two views' probabilities are averaged.
         """
-        probs = softmax(self.logits_of(self.encoder.encode(prompts, responses_a, responses_b)))
+        probs = softmax(self.logits_of(*self.encoder.encode_with_segments(prompts, responses_a, responses_b)))
         if tta_swap:
-            swapped = softmax(self.logits_of(self.encoder.encode(prompts, responses_a, responses_b, swap=True)))
-            probs = (probs + swapped[:, list(SWAPPED_LABEL)]) / 2
+            swapped = self.encoder.encode_with_segments(prompts, responses_a, responses_b, swap=True)
+            probs = (probs + softmax(self.logits_of(*swapped))[:, list(SWAPPED_LABEL)]) / 2
         return probs

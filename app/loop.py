@@ -22,11 +22,11 @@ import torch
 import torch.distributed as dist
 from transformers import get_cosine_schedule_with_warmup
 
-from app.batching import length_grouped_batches, pad_batch, token_budget_batches
+from app.batching import length_grouped_batches, token_budget_batches
 from app.config import Config, validate_config
 from app.formatting import SWAPPED_LABEL
 from app.metrics import score, softmax
-from app.modeling import build_model, build_tokenizer, save_checkpoint
+from app.modeling import build_model, build_tokenizer, forward_batch, save_checkpoint
 
 VALID_WINDOW_ROWS = 1024  # validation rows per window; windows are dealt round-robin to workers
 
@@ -71,6 +71,14 @@ def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optim
     return torch.optim.AdamW(groups, lr=config.train.lr, fused=False)
 
 
+def choose_rows(swap: np.ndarray, plain: np.ndarray, swapped: np.ndarray) -> np.ndarray:
+    """Per row, the swapped encoding where `swap` is set; an object array of 1-D rows (ragged or not)."""
+    out = np.empty(len(swap), dtype=object)
+    for index, use_swapped in enumerate(swap):
+        out[index] = swapped[index] if use_swapped else plain[index]
+    return out
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, float]]:
     """Train, evaluating and reporting every epoch; returns the per-epoch metrics (Ray hands rank 0's back)."""
     config = validate_config(loop_config["config"], "worker config")
@@ -108,22 +116,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, float]]
         )
         for window in windows:
             swap = rng.random(len(window["label"])) < config.train.swap_prob
-            sequences = [s if not w else t for s, t, w in zip(window["input_ids"], window["input_ids_swapped"], swap)]
+            sequences = choose_rows(swap, window["input_ids"], window["input_ids_swapped"])
+            segments = choose_rows(swap, window["segment_ids"], window["segment_ids_swapped"])
             labels = np.where(swap, np.take(SWAPPED_LABEL, window["label"]), window["label"])
             lengths = [len(s) for s in sequences]
             for batch in length_grouped_batches(lengths, config.train.batch_size, config.train.length_group_batches, rng):
                 if step >= total_steps:
                     break
-                input_ids, attention_mask = pad_batch([sequences[i] for i in batch], pad_id)
                 micro += 1
                 last_of_step = micro % config.train.grad_accum_steps == 0 or micro == micro_per_epoch
                 sync = contextlib.nullcontext() if last_of_step or world == 1 else model.no_sync()
                 with sync:
                     with autocast(device, autocast_dtype):
-                        logits = model(
-                            input_ids=torch.from_numpy(input_ids).to(device),
-                            attention_mask=torch.from_numpy(attention_mask).to(device),
-                        ).logits  # (B, 3)
+                        logits, attention_mask = forward_batch(model, sequences[batch], segments[batch], pad_id, device)
                     loss = torch.nn.functional.cross_entropy(logits.float(), torch.from_numpy(labels[batch]).to(device))
                     scaler.scale(loss / config.train.grad_accum_steps).backward()
                 loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
@@ -170,13 +175,11 @@ def evaluate(model, valid_data, config: Config, device, autocast_dtype, pad_id: 
     for index, window in enumerate(valid_data.iter_batches(batch_size=VALID_WINDOW_ROWS, batch_format="numpy")):
         if index % world != rank:
             continue
-        sequences = window["input_ids"]
+        sequences, segments = window["input_ids"], window["segment_ids"]
         window_probs = np.zeros((len(sequences), 3))
         for batch in token_budget_batches([len(s) for s in sequences], config.train.eval_batch_size * config.format.max_length):
-            input_ids, attention_mask = pad_batch([sequences[i] for i in batch], pad_id)
             with autocast(device, autocast_dtype):
-                logits = model(input_ids=torch.from_numpy(input_ids).to(device),
-                               attention_mask=torch.from_numpy(attention_mask).to(device)).logits
+                logits, _ = forward_batch(model, sequences[batch], segments[batch], pad_id, device)
             window_probs[batch] = softmax(logits.float().cpu().numpy())
         probs.append(window_probs)
         labels.append(window["label"])

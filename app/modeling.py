@@ -8,9 +8,11 @@ from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
+from app.batching import pad_batch
 from app.config import PACKAGED_MINILM, Config, ModelConfig, validate_config
 from app.data import LABEL_COLUMNS
 
@@ -44,6 +46,28 @@ def build_model(config: ModelConfig) -> PreTrainedModel:
         label2id={name: index for index, name in enumerate(LABEL_COLUMNS)},
         **extra,
     )
+
+
+def uses_segments(model: torch.nn.Module) -> bool:
+    """Whether the model has segment (token type) embeddings to mark response B with (BERT does)."""
+    inner = getattr(model, "module", model)  # under DistributedDataParallel
+    return getattr(inner.config, "type_vocab_size", 0) >= 2
+
+
+def forward_batch(
+    model: torch.nn.Module,
+    sequences: list,
+    segments: list,
+    pad_id: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Pad a batch of encoded rows and run the model: (B, 3) logits and the (B, T) attention mask."""
+    input_ids, attention_mask = pad_batch(sequences, pad_id)
+    inputs = {"input_ids": torch.from_numpy(input_ids).to(device),
+              "attention_mask": torch.from_numpy(attention_mask).to(device)}
+    if uses_segments(model):
+        inputs["token_type_ids"] = torch.from_numpy(pad_batch(segments, 0)[0]).to(device)
+    return model(**inputs).logits, attention_mask
 
 
 def library_versions() -> dict[str, str]:

@@ -77,18 +77,20 @@ class EncodeBatch:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         texts = [list(map(list, batch[column])) for column in ("prompt", "response_a", "response_b")]
-        encoded = self.encoder.encode(*texts)
-        swapped = self.encoder.encode(*texts, swap=True)
+        encoded, segments = self.encoder.encode_with_segments(*texts)
+        swapped, swapped_segments = self.encoder.encode_with_segments(*texts, swap=True)
         return {
             "input_ids": _ragged(encoded),
+            "segment_ids": _ragged(segments, np.int8),
             "input_ids_swapped": _ragged(swapped),
+            "segment_ids_swapped": _ragged(swapped_segments, np.int8),
             "label": batch["label"].astype(np.int64),
         }
 
 
-def _ragged(sequences: list[list[int]]) -> np.ndarray:
+def _ragged(sequences: list[list[int]], dtype: type = np.int32) -> np.ndarray:
     out = np.empty(len(sequences), dtype=object)
-    out[:] = [np.asarray(seq, dtype=np.int32) for seq in sequences]
+    out[:] = [np.asarray(seq, dtype=dtype) for seq in sequences]
     return out
 
 

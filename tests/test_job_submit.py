@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -44,8 +45,15 @@ def ray_head():
     subprocess.run([BIN / "ray", "start", "--head", f"--port={port}", "--num-cpus=2",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
                     f"--temp-dir={temp_dir}"], env=env, check=True, capture_output=True, timeout=180)
+    env |= {"RAY_ADDRESS": f"http://127.0.0.1:{dashboard}"}
     try:
-        yield env | {"RAY_ADDRESS": f"http://127.0.0.1:{dashboard}"}
+        for _ in range(60):  # the head's job agent accepts jobs a few seconds after `ray start` returns
+            probe = subprocess.run([BIN / "ray", "job", "submit", "--no-wait", "--", "true"], env=env,
+                                   capture_output=True, timeout=60)
+            if probe.returncode == 0:
+                break
+            time.sleep(2)
+        yield env
     finally:
         stop_head(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
