@@ -63,6 +63,7 @@ class TrainConfig(_Section):
     batch_size: int = Field(16, ge=1, description="rows per micro-batch per worker")
     grad_accum_steps: int = Field(1, ge=1)
     lr: float = Field(5e-5, gt=0)
+    head_lr_scale: float = Field(10.0, gt=0, description="the new classification head (and pooler) learn this much faster")
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)

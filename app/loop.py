@@ -61,14 +61,22 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device.type, dtype=dtype)
 
 
-def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
-    """AdamW; biases and LayerNorm weights get no weight decay."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
+def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.AdamW:
+    """AdamW; biases and LayerNorm weights get no weight decay, the fresh head `head_lr_scale` x the lr."""
+    inner = getattr(model, "module", model)
+    base_prefix = inner.base_model_prefix + "."
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, param in inner.named_parameters():
         if param.requires_grad:
-            (no_decay if param.ndim < 2 or "LayerNorm" in name else decay).append(param)
-    groups = [{"params": decay, "weight_decay": config.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.train.lr, fused=False)
+            is_head = not name.startswith(base_prefix) or ".pooler." in name
+            decays = param.ndim >= 2 and "LayerNorm" not in name
+            groups.setdefault((is_head, decays), []).append(param)
+    return torch.optim.AdamW(
+        [{"params": params, "lr": config.train.lr * (config.train.head_lr_scale if is_head else 1.0),
+          "weight_decay": config.train.weight_decay if decays else 0.0}
+         for (is_head, decays), params in groups.items()],
+        lr=config.train.lr, fused=False,
+    )
 
 
 def choose_rows(swap: np.ndarray, plain: np.ndarray, swapped: np.ndarray) -> np.ndarray:

@@ -24,9 +24,9 @@ TRAIN_COLUMNS = ["id", "model_a", "model_b", "prompt", "response_a", "response_b
 TEST_COLUMNS = ["id", "prompt", "response_a", "response_b"]
 SUBMISSION_COLUMNS = ["id", "winner_model_a", "winner_model_b", "winner_tie"]
 
-TIE_STRENGTH = 1.5  # Davidson's nu: P(tie) = nu / (e^(d/2) + e^(-d/2) + nu)
-NOISE_SD = 0.6  # hidden per-response quality noise that no text feature shows
-TEXT_WEIGHT = 1.4  # scale of the quality that the text shows
+TIE_STRENGTH = 2.2  # Davidson's nu: P(tie) = nu / (e^(d/2) + e^(-d/2) + nu); about 30% ties
+NOISE_SD = 0.4  # hidden per-response quality noise that no text feature shows
+TEXT_WEIGHT = 2.5  # scale of the quality that the text shows (strong enough for MiniLM to pick up in minutes)
 ID_RANGE = (10_000, 4_294_967_295)
 T = TypeVar("T")
 ARITHMETIC = {"+": operator.add, "-": operator.sub, "*": operator.mul}
@@ -61,7 +61,8 @@ REFUSALS = ("I'm sorry, but I can't help with that.|I'm sorry, but I cannot assi
             "I apologize, but I won't be able to help with that request.").split("|")
 HEDGES = ("As an AI language model, I don't have personal opinions, but|As an AI, I cannot be certain, but|"
           "I'm just an AI language model, so please double-check this, but").split("|")
-OPENERS = "||Sure!|Great question!|Certainly.|Of course!|Of course! 😊|Absolutely.|Happy to help!|Here you go:|Okay.".split("|")
+OPENERS = ("", "", "Sure!", "Great question!", "Certainly.", "Of course!", "Of course! 😊", "Absolutely.",
+           "Happy to help!", "Here you go:", "Okay.")
 CLOSERS = ("|I hope this helps!|Let me know if you have any other questions.|"
            "Feel free to ask for more details.|Good luck!").split("|")
 EXPLAIN = ("Explain how {t} works.|Can you explain {t} in simple terms?|What should a beginner know about {t}?|"
@@ -90,7 +91,8 @@ CAPITALS = (("Brazil", "Brasília"), ("Iceland", "Reykjavík"), ("Colombia", "Bo
             ("Vietnam", "Hanoi"), ("Germany", "Berlin"), ("Morocco", "Rabat"), ("Poland", "Warsaw"))
 CODE_TASKS = (("reverses a string", "def reverse(text):\n    return text[::-1]"),
               ("computes the average of a list", "def average(xs):\n    return sum(xs) / len(xs)"),
-              ("counts the vowels in a word", "def count_vowels(word):\n    return sum(c in 'aeiou' for c in word)"),
+              ("counts the vowels in a word",
+               "def count_vowels(word):\n    return sum(c in 'aeiou' for c in word)"),
               ("returns the largest element of a list", "def largest(xs):\n    return max(xs)"),
               ("checks whether a year is a leap year",
                "def is_leap(y):\n    return y % 4 == 0 and (y % 100 != 0 or y % 400 == 0)"),
@@ -164,12 +166,14 @@ def _draw_turn(rng: np.random.Generator) -> TurnSpec:
     return TurnSpec(kind, topic, prefix + template.format(t=topic) + suffix)
 
 
-def _detail_sentences(rng: np.random.Generator, topic: str, count: int, templates: list[str]) -> list[str]:
+def _detail_sentences(rng: np.random.Generator, topic: str, count: int, templates: Sequence[str]) -> list[str]:
+    """`count` sentences about `topic` from random templates and fillers."""
     out = []
     for _ in range(count):
         n1, n2 = rng.choice(len(NOUNS), size=2, replace=False)
-        out.append(_pick(rng, templates).format(
-            t=topic, T=topic[:1].upper() + topic[1:], n1=NOUNS[n1], n2=NOUNS[n2], v=_pick(rng, VERBS), a=_pick(rng, ANALOGIES)))
+        template, verb, analogy = _pick(rng, templates), _pick(rng, VERBS), _pick(rng, ANALOGIES)
+        capitalized = topic[:1].upper() + topic[1:]
+        out.append(template.format(t=topic, T=capitalized, n1=NOUNS[n1], n2=NOUNS[n2], v=verb, a=analogy))
     return out
 
 
@@ -247,7 +251,9 @@ def _draw_ids(rng: np.random.Generator, n: int, exclude: set[int]) -> list[int]:
     return ids
 
 
-def _answer_turns(rng: np.random.Generator, specs: list[TurnSpec], model: ModelProfile) -> tuple[list[str | None], float]:
+def _answer_turns(
+    rng: np.random.Generator, specs: list[TurnSpec], model: ModelProfile
+) -> tuple[list[str | None], float]:
     """Write one side's answers to all turns; return them with the side's latent quality."""
     explain_turns = [i for i, spec in enumerate(specs) if spec.kind == "explain"]
     long_turn = _pick(rng, explain_turns) if explain_turns and rng.random() < 0.045 else -1

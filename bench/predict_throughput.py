@@ -63,26 +63,34 @@ def time_interleaved(runs: dict[str, Callable[[], Any]], repeats: int) -> tuple[
     return {name: min(values) for name, values in times.items()}, results
 
 
-def padded_batches_fixed(sequences: Sequence[Sequence[int]], batch_size: int, max_length: int, pad_id: int):
-    """Yield (input_ids, attention_mask) of (B, max_length) for rows in input order."""
+def padded_batches_fixed(sequences: Sequence[Sequence[int]], segments: Sequence[Sequence[int]], batch_size: int,
+                         max_length: int, pad_id: int):
+    """Yield (input_ids, attention_mask, token_type_ids) of (B, max_length) for rows in input order."""
     for start in range(0, len(sequences), batch_size):
         chunk = sequences[start : start + batch_size]
         input_ids = np.full((len(chunk), max_length), pad_id, dtype=np.int64)
         attention_mask = np.zeros((len(chunk), max_length), dtype=np.int64)
+        token_type_ids = np.zeros((len(chunk), max_length), dtype=np.int64)
         for row, seq in enumerate(chunk):
             input_ids[row, : len(seq)] = seq
             attention_mask[row, : len(seq)] = 1
-        yield input_ids, attention_mask
+            token_type_ids[row, : len(seq)] = segments[start + row]
+        yield input_ids, attention_mask, token_type_ids
 
 
-def baseline_logits(model, sequences: Sequence[Sequence[int]], batch_size: int, max_length: int, pad_id: int) -> np.ndarray:
-    """(N, 3) logits from fixed-size batches, each padded to max_length."""
+def baseline_logits(model, sequences: Sequence[Sequence[int]], segments: Sequence[Sequence[int]], batch_size: int,
+                    max_length: int, pad_id: int) -> np.ndarray:
+    """(N, 3) logits from fixed-size batches, each padded to max_length (same inputs as ours, segments included)."""
     import torch
+
+    from app.modeling import uses_segments
 
     parts = []
     with torch.no_grad():
-        for input_ids, attention_mask in padded_batches_fixed(sequences, batch_size, max_length, pad_id):
-            output = model(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(attention_mask))
+        for input_ids, attention_mask, token_type_ids in padded_batches_fixed(sequences, segments, batch_size,
+                                                                              max_length, pad_id):
+            extra = {"token_type_ids": torch.from_numpy(token_type_ids)} if uses_segments(model) else {}
+            output = model(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(attention_mask), **extra)
             parts.append(output.logits.float().numpy())
     return np.concatenate(parts)
 
@@ -204,20 +212,20 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench_predict_") as scratch:
         frame, data_path = load_rows(args.data, args.rows, scratch)
         texts = (list(frame["prompt"]), list(frame["response_a"]), list(frame["response_b"]))
-        sequences = predictor.encoder.encode(*texts)
+        sequences, segments = predictor.encoder.encode_with_segments(*texts)
         lengths = [len(seq) for seq in sequences]
         real_tokens = sum(lengths)
         computed_tokens = ours_computed_tokens(lengths, args.tokens_per_batch)
 
         model = predictor.model.eval()
-        predictor.logits_of(sequences[:WARMUP_ROWS])
-        baseline_logits(model, sequences[:WARMUP_ROWS], args.batch_size, max_length, pad_id)
+        predictor.logits_of(sequences[:WARMUP_ROWS], segments[:WARMUP_ROWS])
+        baseline_logits(model, sequences[:WARMUP_ROWS], segments[:WARMUP_ROWS], args.batch_size, max_length, pad_id)
         seconds, outputs = time_interleaved({
             "ours": lambda: predictor.predict(*texts),
-            "ours_model": lambda: predictor.logits_of(sequences),
-            "baseline": lambda: softmax(baseline_logits(model, predictor.encoder.encode(*texts), args.batch_size,
-                                                        max_length, pad_id)),
-            "baseline_model": lambda: baseline_logits(model, sequences, args.batch_size, max_length, pad_id),
+            "ours_model": lambda: predictor.logits_of(sequences, segments),
+            "baseline": lambda: softmax(baseline_logits(model, *predictor.encoder.encode_with_segments(*texts),
+                                                        args.batch_size, max_length, pad_id)),
+            "baseline_model": lambda: baseline_logits(model, sequences, segments, args.batch_size, max_length, pad_id),
         }, args.repeats)
         ours_probs = outputs["ours"]
         results = [
