@@ -42,16 +42,22 @@ def ray_head():
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
            "RAY_USAGE_STATS_ENABLED": "0"}
     port, dashboard = free_port(), free_port()
+    # Every port of its own: the test session's Ray already holds the defaults (e.g. the agent's 52365).
+    own_ports = [f"--{flag}={free_port()}" for flag in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
     subprocess.run([BIN / "ray", "start", "--head", f"--port={port}", "--num-cpus=2",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", *own_ports,
                     f"--temp-dir={temp_dir}"], env=env, check=True, capture_output=True, timeout=180)
     env |= {"RAY_ADDRESS": f"http://127.0.0.1:{dashboard}"}
     try:
-        for _ in range(60):  # the head's job agent accepts jobs a few seconds after `ray start` returns
+        deadline = time.monotonic() + 120  # the head's job agent accepts jobs a few seconds after `ray start`
+        while True:
             probe = subprocess.run([BIN / "ray", "job", "submit", "--no-wait", "--", "true"], env=env,
-                                   capture_output=True, timeout=60)
+                                   capture_output=True, text=True, timeout=60)
             if probe.returncode == 0:
                 break
+            assert time.monotonic() < deadline, f"the head never accepted a job: {probe.stderr[-1500:]}"
             time.sleep(2)
         yield env
     finally:
