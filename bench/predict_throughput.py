@@ -16,17 +16,18 @@ With --ray, a third row times `app.prediction.predict_file` (Ray Data actor pool
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from bench.reporting import write_json
 
 # torch, transformers and ray are imported inside functions: huggingface_hub reads HF_HUB_OFFLINE when it
 # is imported, and main() sets it first.
@@ -252,9 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     print(render(results, settings), flush=True)
     if args.json_out:
-        with open(args.json_out, "w", encoding="utf-8") as handle:
-            json.dump({"settings": settings, "results": [asdict(m) for m in results]}, handle, indent=2)
-        print(f"\nwrote {args.json_out}")
+        write_json(args.json_out, settings, results)
 
 
 if __name__ == "__main__":

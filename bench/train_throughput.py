@@ -18,14 +18,15 @@ Real tokens are non-padding tokens (the attention mask's sum) of the batches act
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from bench.reporting import write_json
 
 # Heavy libraries (torch, transformers, ray) are imported inside functions: huggingface_hub reads
 # HF_HUB_OFFLINE when it is imported, and main() sets it first.
@@ -310,9 +311,7 @@ def main(argv: list[str] | None = None) -> None:
                 results.append(measurement)
     print(render(results, settings), flush=True)
     if args.json_out:
-        with open(args.json_out, "w", encoding="utf-8") as handle:
-            json.dump({"settings": settings, "results": [asdict(m) for m in results]}, handle, indent=2)
-        print(f"\nwrote {args.json_out}")
+        write_json(args.json_out, settings, results)
 
 
 if __name__ == "__main__":
