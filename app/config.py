@@ -45,14 +45,66 @@ class FormatConfig(_Section):
     max_length: int = Field(256, ge=32, description="token budget shared by prompt, response A and B, specials included")
     head_fraction: float = Field(0.5, ge=0.0, le=1.0, description="share of a cut text's tokens kept from its head")
     min_turn_tokens: int = Field(32, ge=0, description="an older turn is kept cut only if this many tokens remain for it")
+    answer_cue: str = Field("\n\nWhich response is better: A, B or tie? Answer:",
+                            description="model kinds decoder, decoder_lm and t5 end every input with this text")
 
 
 class ModelConfig(_Section):
-    """Which pretrained weights to finetune."""
+    """Which pretrained weights to finetune, and how the three class logits come out of them.
 
-    kind: Literal["encoder"] = "encoder"
-    name_or_path: str = Field(PACKAGED_MINILM, description="local folder, hub id, or the packaged MiniLM")
+    kind:
+      encoder      AutoModelForSequenceClassification on an encoder (BERT, DeBERTa); [CLS] pooling.
+      decoder      AutoModelForSequenceClassification on a decoder-only LM (Llama, Mistral, Gemma-2, Qwen2):
+                   a head on the last non-pad token.
+      decoder_lm   a causal LM scored on its next token after the answer cue: the class logits are the
+                   logits of the three `label_words` tokens (cross-entropy over those three).
+      t5           an encoder-decoder (T5, FLAN-T5): each label word's sequence log-probability from the
+                   decoder, constrained to the label set.
+    name_or_path: a local folder, a hub id, the packaged MiniLM, or `random:<spec>` (a random-weight model
+    built offline from a named config, see app/tiny.py; for tests and benchmarks).
+    """
+
+    kind: Literal["encoder", "decoder", "decoder_lm", "t5"] = "encoder"
+    name_or_path: str = Field(PACKAGED_MINILM, description="local folder, hub id, packaged MiniLM or random:<spec>")
     classifier_dropout: float | None = Field(None, ge=0.0, lt=1.0)
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="weights dtype at load; auto = bf16 on GPUs that have it, else fp32")
+    label_words: tuple[str, str, str] = Field(
+        (" A", " B", " tie"), description="decoder_lm / t5: the words that name A wins, B wins, tie")
+    gradient_checkpointing: bool = False
+    attn_implementation: str | None = Field(None, description="sdpa, eager, flash_attention_2; None = library default")
+
+
+class AdapterConfig(_Section):
+    """What of the model is trained: all weights, LoRA adapters, or LoRA on a 4-bit quantized base (QLoRA)."""
+
+    method: Literal["full", "lora", "qlora"] = "full"
+    r: int = Field(16, ge=1, description="LoRA rank")
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = Field("all-linear", description="'all-linear' or module names, e.g. [q_proj, v_proj]")
+    train_head: bool = Field(True, description="train the classification head fully (saved beside the adapter)")
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="4-bit matmul dtype; auto = model dtype")
+    load_in_8bit_for_inference: bool = Field(False, description="prediction loads the base in 8-bit (bitsandbytes)")
+
+
+class DeepSpeedConfig(_Section):
+    """DeepSpeed ZeRO inside each Ray Train worker; the JSON config is generated from these keys (app/deepspeed.py)."""
+
+    enabled: bool = False
+    stage: int = Field(2, ge=0, le=3, description="ZeRO stage: 0 none, 1 optimizer, 2 + gradients, 3 + parameters")
+    offload_optimizer: bool = Field(False, description="optimizer states and step on the CPU")
+    offload_params: bool = Field(False, description="stage 3 only: parameters live on the CPU")
+    overlap_comm: bool = True
+    bucket_size: int = Field(50_000_000, ge=1_000_000, description="elements per reduce / all-gather bucket")
+
+    @model_validator(mode="after")
+    def _offload_params_needs_stage3(self) -> DeepSpeedConfig:
+        if self.offload_params and self.stage != 3:
+            raise ValueError(f"deepspeed.offload_params needs deepspeed.stage=3, got stage {self.stage}")
+        return self
 
 
 class TrainConfig(_Section):
@@ -72,6 +124,8 @@ class TrainConfig(_Section):
     length_group_batches: int = Field(50, ge=1, description="batches per length-sorted buffer (1 = no grouping)")
     eval_batch_size: int = Field(64, ge=1)
     log_every_steps: int = Field(20, ge=1)
+    checkpoint_every_steps: int | None = Field(
+        None, ge=1, description="also checkpoint mid-epoch every N optimizer steps (for resume); None = per epoch")
 
 
 class ScalingConfig(_Section):
@@ -82,6 +136,8 @@ class ScalingConfig(_Section):
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(1.0, ge=0)
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads per worker; None = cpus_per_worker")
+    accelerator_memory_gb: float | None = Field(
+        None, gt=0, description="memory of one worker's accelerator; the planner checks the job fits (None = no check)")
 
 
 class RunConfig(_Section):
@@ -90,7 +146,8 @@ class RunConfig(_Section):
     name: str = Field("arena", min_length=1)
     storage_path: str = Field("runs", description="local folder or URI (s3://...) for checkpoints and results")
     keep_checkpoints: int = Field(2, ge=1, description="best k by validation log loss")
-    max_failures: int = Field(0, ge=0)
+    max_failures: int = Field(0, ge=0, description="worker failures survived by restarting from the last checkpoint")
+    resume: bool = Field(True, description="a run whose name already has checkpoints continues from its latest one")
 
 
 class PredictConfig(_Section):
@@ -98,6 +155,8 @@ class PredictConfig(_Section):
 
     tokens_per_batch: int = Field(8192, ge=64, description="padded tokens per forward pass (length-sorted batches)")
     tta_swap: bool = Field(False, description="average with the A/B-swapped view")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto = bf16 on GPUs and on CPUs with native bf16 (AMX / AVX512-BF16), else fp32")
     num_actors: int = Field(1, ge=1)
     cpus_per_actor: float = Field(1.0, gt=0)
 
@@ -111,6 +170,8 @@ class Config(BaseModel):
     data: DataConfig = DataConfig()
     format: FormatConfig = FormatConfig()
     model: ModelConfig = ModelConfig()
+    adapter: AdapterConfig = AdapterConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     train: TrainConfig = TrainConfig()
     scaling: ScalingConfig = ScalingConfig()
     run: RunConfig = RunConfig()

@@ -10,14 +10,14 @@ import torch
 from app.batching import token_budget_batches
 from app.formatting import SWAPPED_LABEL, PairEncoder
 from app.metrics import softmax
-from app.modeling import forward_batch, load_checkpoint
+from app.modeling import autocast, autocast_dtype, forward_batch, load_checkpoint
 
 
 class Predictor:
     """A checkpoint loaded once, predicting class probabilities for batches of rows."""
 
     def __init__(self, checkpoint_dir: str, tokens_per_batch: int = 8192, device: str | None = None,
-                 num_threads: int | None = None) -> None:
+                 num_threads: int | None = None, precision: str = "auto") -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -26,14 +26,16 @@ class Predictor:
         self.encoder = PairEncoder(loaded.tokenizer, self.config.format)  # the training truncation policy
         self.pad_id = loaded.tokenizer.pad_token_id
         self.tokens_per_batch = tokens_per_batch
+        self.amp_dtype = autocast_dtype(precision, self.device)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def logits_of(self, sequences: Sequence[Sequence[int]], segments: Sequence[Sequence[int]]) -> np.ndarray:
         """(N, 3) logits of encoded rows, computed longest-first in batches of <= tokens_per_batch tokens."""
         logits = np.zeros((len(sequences), 3), dtype=np.float32)
         for batch in token_budget_batches([len(s) for s in sequences], self.tokens_per_batch):
-            batch_logits, _ = forward_batch(self.model, [sequences[i] for i in batch], [segments[i] for i in batch],
-                                            self.pad_id, self.device)
+            with autocast(self.device, self.amp_dtype):
+                batch_logits, _ = forward_batch(self.model, [sequences[i] for i in batch],
+                                                [segments[i] for i in batch], self.pad_id, self.device)
             logits[batch] = batch_logits.float().cpu().numpy()
         return logits
 

@@ -26,7 +26,7 @@ from app.batching import length_grouped_batches, token_budget_batches
 from app.config import Config, validate_config
 from app.formatting import SWAPPED_LABEL
 from app.metrics import score, softmax
-from app.modeling import build_model, build_tokenizer, forward_batch, save_checkpoint
+from app.modeling import autocast, autocast_dtype, build_model, build_tokenizer, forward_batch, save_checkpoint
 
 VALID_WINDOW_ROWS = 1024  # validation rows per window; windows are dealt round-robin to workers
 
@@ -42,23 +42,6 @@ def batches_per_epoch(n_rows: int, batch_size: int, group_batches: int) -> int:
     window = batch_size * group_batches
     full, rest = divmod(n_rows, window)
     return full * group_batches + math.ceil(rest / batch_size)
-
-
-def resolve_precision(config: Config, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32. 'auto' = bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU."""
-    choice = config.train.precision
-    if choice == "auto":
-        if device.type != "cuda":
-            return None
-        choice = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """Mixed-precision context for the forward pass; a no-op for fp32."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.AdamW:
@@ -105,8 +88,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, float]]
     steps_per_epoch = math.ceil(micro_per_epoch / config.train.grad_accum_steps)
     total_steps = min(config.train.epochs * steps_per_epoch, config.train.max_steps or 10**12)
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(config.train.warmup_ratio * total_steps), total_steps)
-    autocast_dtype = resolve_precision(config, device)
-    scaler = torch.amp.GradScaler(enabled=autocast_dtype == torch.float16)
+    amp_dtype = autocast_dtype(config.train.precision, device, for_training=True)
+    scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
     pad_id = tokenizer.pad_token_id
     rng = np.random.default_rng(config.seed + 1000 * rank)  # per-worker shuffling and swapping
 
@@ -135,7 +118,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, float]]
                 last_of_step = micro % config.train.grad_accum_steps == 0 or micro == micro_per_epoch
                 sync = contextlib.nullcontext() if last_of_step or world == 1 else model.no_sync()
                 with sync:
-                    with autocast(device, autocast_dtype):
+                    with autocast(device, amp_dtype):
                         logits, attention_mask = forward_batch(model, sequences[batch], segments[batch], pad_id, device)
                     loss = torch.nn.functional.cross_entropy(logits.float(), torch.from_numpy(labels[batch]).to(device))
                     scaler.scale(loss / config.train.grad_accum_steps).backward()
@@ -165,7 +148,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, float]]
             "train_real_tokens_per_s": real_tokens * world / elapsed,
             "train_real_token_share": real_tokens / max(padded_tokens, 1),
         }
-        valid_metrics = evaluate(model, valid_data, config, device, autocast_dtype, pad_id, rank, world)
+        valid_metrics = evaluate(model, valid_data, config, device, amp_dtype, pad_id, rank, world)
         metrics.update({f"valid_{name}": value for name, value in valid_metrics.items()})
         history.append(metrics)
         report(metrics, model, tokenizer, config, epoch, rank)
@@ -175,7 +158,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, float]]
 
 
 @torch.no_grad()
-def evaluate(model, valid_data, config: Config, device, autocast_dtype, pad_id: int, rank: int, world: int) -> dict[str, float]:
+def evaluate(model, valid_data, config: Config, device, amp_dtype, pad_id: int, rank: int, world: int) -> dict[str, float]:
     """Log loss and accuracy on the whole validation fold; each worker scores every world-th window."""
     model.eval()
     model = unwrap(model)  # DDP's forward would sync buffers: a collective that ranks with fewer windows skip
@@ -186,7 +169,7 @@ def evaluate(model, valid_data, config: Config, device, autocast_dtype, pad_id: 
         sequences, segments = window["input_ids"], window["segment_ids"]
         window_probs = np.zeros((len(sequences), 3))
         for batch in token_budget_batches([len(s) for s in sequences], config.train.eval_batch_size * config.format.max_length):
-            with autocast(device, autocast_dtype):
+            with autocast(device, amp_dtype):
                 logits, _ = forward_batch(model, sequences[batch], segments[batch], pad_id, device)
             window_probs[batch] = softmax(logits.float().cpu().numpy())
         probs.append(window_probs)

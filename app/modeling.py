@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -52,6 +53,35 @@ def uses_segments(model: torch.nn.Module) -> bool:
     """Whether the model has segment (token type) embeddings to mark response B with (BERT does)."""
     inner = getattr(model, "module", model)  # under DistributedDataParallel
     return getattr(inner.config, "type_vocab_size", 0) >= 2
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 matrix products natively (AVX512-BF16 or AMX), where bf16 is ~2-3x fp32."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return any(probe() for probe in probes if probe is not None)
+
+
+def autocast_dtype(choice: str, device: torch.device, for_training: bool = False) -> torch.dtype | None:
+    """The autocast dtype for a precision setting, or None for fp32.
+
+    'auto' = bf16 on GPUs that have it, else fp16; on the CPU, bf16 for inference where the CPU has native
+    bf16 (probabilities move by ~1e-3, see docs/BENCHMARKS.md) and fp32 for training.
+    """
+    if choice == "auto":
+        if device.type == "cuda":
+            choice = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        elif not for_training and cpu_has_native_bf16():
+            choice = "bf16"
+        else:
+            choice = "fp32"
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Mixed-precision context for the forward pass; a no-op for fp32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def forward_batch(

@@ -44,7 +44,8 @@ class PredictBatch:
     def __init__(self, checkpoint_dir: str, config: dict) -> None:
         predict = PredictConfig.model_validate(config)
         self.tta_swap = predict.tta_swap
-        self.predictor = Predictor(checkpoint_dir, predict.tokens_per_batch, num_threads=max(1, int(predict.cpus_per_actor)))
+        self.predictor = Predictor(checkpoint_dir, predict.tokens_per_batch, num_threads=max(1, int(predict.cpus_per_actor)),
+                                   precision=predict.precision)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         texts = [list(map(list, batch[column])) for column in ("prompt", "response_a", "response_b")]

@@ -7,8 +7,11 @@ mode under torch.no_grad, and get the same inputs: every row encoded by the chec
 truncation policy). They differ only in batching:
 
 - ours: `Predictor.predict` sorts rows by length and packs them into batches of at most
-  --tokens-per-batch padded tokens, each padded to its own longest row;
-- baseline: rows in input order, --batch-size rows per batch, every batch padded to max_length.
+  --tokens-per-batch padded tokens, each padded to its own longest row; timed twice, with the default
+  `predict.precision=auto` (bf16 autocast on GPUs and on CPUs with native bf16, else fp32) and with fp32;
+- baseline: rows in input order, --batch-size rows per batch, every batch padded to max_length, fp32.
+
+When the rows have labels, each system's log loss is printed too, so the cost of bf16 is visible.
 
 With --ray, a third row times `app.prediction.predict_file` (Ray Data actor pool over a CSV file).
 """
@@ -45,7 +48,8 @@ class Measurement:
     model_seconds: float | None  # forward passes only, on pre-encoded rows
     real_tokens: int
     computed_tokens: int
-    max_abs_diff: float  # vs ours, on probabilities
+    max_abs_diff: float  # vs the fp32 baseline, on probabilities
+    log_loss: float | None = None
     details: dict[str, Any] = field(default_factory=dict)
 
 
@@ -104,7 +108,7 @@ def ours_computed_tokens(lengths: Sequence[int], tokens_per_batch: int) -> int:
 
 
 def measure_ray(checkpoint: str, data_path: str, frame, tokens_per_batch: int, threads: int,
-                reference: np.ndarray, real_tokens: int, computed_tokens: int) -> Measurement:
+                reference: np.ndarray, real_tokens: int, computed_tokens: int, labels) -> Measurement:
     """`predict_file` over the CSV with one actor of `threads` CPUs; its time includes Ray's own setup."""
     import pandas as pd
     import ray
@@ -112,6 +116,7 @@ def measure_ray(checkpoint: str, data_path: str, frame, tokens_per_batch: int, t
     from app.cluster import connect
     from app.config import PredictConfig
     from app.data import LABEL_COLUMNS
+    from app.metrics import log_loss
     from app.prediction import predict_file
 
     config = PredictConfig(tokens_per_batch=tokens_per_batch, num_actors=1, cpus_per_actor=threads)
@@ -125,9 +130,10 @@ def measure_ray(checkpoint: str, data_path: str, frame, tokens_per_batch: int, t
         ray.shutdown()
     probs = submission[list(LABEL_COLUMNS)].to_numpy()
     return Measurement(
-        system="ours via Ray Data (predict_file, 1 actor)",
+        system="ours via Ray Data (predict_file, 1 actor, precision=auto)",
         rows=report.rows, seconds=report.seconds, model_seconds=None, real_tokens=real_tokens,
         computed_tokens=computed_tokens, max_abs_diff=float(np.abs(probs - reference).max()),
+        log_loss=None if labels is None else log_loss(probs, labels),
         details={"timed": "predict_file: CSV read + validation, Ray Data actor start, model load, encode, forward, "
                           "writing submission.csv (Ray start excluded); submission holds 8 decimals"},
     )
@@ -150,24 +156,24 @@ def load_rows(data: str | None, rows: int | None, scratch: str):
     return frame, data
 
 
-def render(results: list[Measurement], settings: dict[str, Any]) -> str:
-    ours, baseline = results[0], results[1]
+def render(results: list[Measurement], baseline: Measurement, settings: dict[str, Any]) -> str:
     lines = ["## Prediction throughput", ""]
     lines += [f"- {key}: {value}" for key, value in settings.items()]
     lines += ["", "| system | rows/s (encode + forward) | rows/s (forward only) | real-token share "
-              "| speed-up vs baseline (end to end) | speed-up vs baseline (forward only) | max abs diff of probs vs ours |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+              "| speed-up vs baseline (end to end) | speed-up vs baseline (forward only) "
+              "| max abs diff of probs vs baseline | log loss |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for m in results:
         model_rate = f"{m.rows / m.model_seconds:.1f}" if m.model_seconds else "n/a"
         model_ratio = (f"{baseline.model_seconds / m.model_seconds:.2f}x"
                        if m.model_seconds and baseline.model_seconds else "n/a")
         lines.append(f"| {m.system} | {m.rows / m.seconds:.1f} | {model_rate} | {m.real_tokens / m.computed_tokens:.3f} "
-                     f"| {baseline.seconds / m.seconds:.2f}x | {model_ratio} | {m.max_abs_diff:.2e} |")
-    agree = ours.max_abs_diff < 1e-4 and baseline.max_abs_diff < 1e-4
+                     f"| {baseline.seconds / m.seconds:.2f}x | {model_ratio} | {m.max_abs_diff:.2e} "
+                     f"| {'n/a' if m.log_loss is None else f'{m.log_loss:.4f}'} |")
     lines += [
         "",
-        f"Probabilities agree (max abs diff < 1e-4): {'yes' if agree else 'NO'} "
-        f"(baseline vs ours: {baseline.max_abs_diff:.2e}).",
+        "fp32 rows agree with the baseline to < 1e-4: "
+        f"{'yes' if all(m.max_abs_diff < 1e-4 for m in results if 'fp32' in m.system) else 'NO'}.",
         "Timed: 'encode + forward' = PairEncoder.encode of all rows, then every forward pass and softmax "
         "(ours: one Predictor.predict call); 'forward only' = the forward passes over pre-encoded rows "
         "(ours: Predictor.logits_of). Model loading is excluded. Each time is the best of --repeats runs, "
@@ -205,13 +211,17 @@ def main(argv: list[str] | None = None) -> None:
     import transformers
 
     from app.inference import Predictor
-    from app.metrics import softmax
+    from app.metrics import log_loss, softmax
 
-    predictor = Predictor(args.checkpoint, tokens_per_batch=args.tokens_per_batch, num_threads=args.threads)
+    fast = Predictor(args.checkpoint, tokens_per_batch=args.tokens_per_batch, num_threads=args.threads)
+    predictor = Predictor(args.checkpoint, tokens_per_batch=args.tokens_per_batch, num_threads=args.threads,
+                          precision="fp32")
     torch.set_num_threads(args.threads)
     max_length, pad_id = predictor.config.format.max_length, predictor.pad_id
+    auto_name = "fp32" if fast.amp_dtype is None else str(fast.amp_dtype).removeprefix("torch.")
     with tempfile.TemporaryDirectory(prefix="bench_predict_") as scratch:
         frame, data_path = load_rows(args.data, args.rows, scratch)
+        labels = frame["label"].to_numpy() if "label" in frame and (frame["label"] >= 0).all() else None
         texts = (list(frame["prompt"]), list(frame["response_a"]), list(frame["response_b"]))
         sequences, segments = predictor.encoder.encode_with_segments(*texts)
         lengths = [len(seq) for seq in sequences]
@@ -219,39 +229,50 @@ def main(argv: list[str] | None = None) -> None:
         computed_tokens = ours_computed_tokens(lengths, args.tokens_per_batch)
 
         model = predictor.model.eval()
+        fast.logits_of(sequences[:WARMUP_ROWS], segments[:WARMUP_ROWS])
         predictor.logits_of(sequences[:WARMUP_ROWS], segments[:WARMUP_ROWS])
         baseline_logits(model, sequences[:WARMUP_ROWS], segments[:WARMUP_ROWS], args.batch_size, max_length, pad_id)
         seconds, outputs = time_interleaved({
-            "ours": lambda: predictor.predict(*texts),
-            "ours_model": lambda: predictor.logits_of(sequences, segments),
+            "ours": lambda: fast.predict(*texts),
+            "ours_model": lambda: fast.logits_of(sequences, segments),
+            "ours_fp32": lambda: predictor.predict(*texts),
+            "ours_fp32_model": lambda: predictor.logits_of(sequences, segments),
             "baseline": lambda: softmax(baseline_logits(model, *predictor.encoder.encode_with_segments(*texts),
                                                         args.batch_size, max_length, pad_id)),
             "baseline_model": lambda: baseline_logits(model, sequences, segments, args.batch_size, max_length, pad_id),
         }, args.repeats)
-        ours_probs = outputs["ours"]
+        reference = outputs["baseline"]
+
+        def measured(system: str, key: str, computed: int) -> Measurement:
+            probs = outputs[key]
+            return Measurement(system, len(frame), seconds[key], seconds[f"{key}_model"], real_tokens, computed,
+                               float(np.abs(probs - reference).max()),
+                               None if labels is None else log_loss(probs, labels))
+
         results = [
-            Measurement("ours: Predictor (length-sorted, token-budget batches, dynamic padding)", len(frame),
-                        seconds["ours"], seconds["ours_model"], real_tokens, computed_tokens,
-                        float(np.abs(softmax(outputs["ours_model"]) - ours_probs).max())),
-            Measurement(f"baseline: fixed batches of {args.batch_size} in input order, padded to max_length",
-                        len(frame), seconds["baseline"], seconds["baseline_model"], real_tokens,
-                        len(frame) * max_length, float(np.abs(outputs["baseline"] - ours_probs).max())),
+            measured(f"ours: Predictor, precision=auto ({auto_name}), length-sorted token-budget batches",
+                     "ours", computed_tokens),
+            measured("ours: Predictor, precision=fp32, length-sorted token-budget batches", "ours_fp32",
+                     computed_tokens),
+            measured(f"baseline: fixed batches of {args.batch_size} in input order, padded to max_length, fp32",
+                     "baseline", len(frame) * max_length),
         ]
         if args.ray:
             results.append(measure_ray(args.checkpoint, data_path, frame, args.tokens_per_batch, args.threads,
-                                       ours_probs, real_tokens, computed_tokens))
+                                       reference, real_tokens, computed_tokens, labels))
     settings = {
         "checkpoint": f"{args.checkpoint} (model {predictor.config.model.name_or_path}, max_length {max_length})",
         "data": f"{args.data or 'built-in synthetic test rows'}, {len(frame)} rows, mean {statistics.mean(lengths):.0f} "
                 f"/ max {max(lengths)} tokens per row",
         "ours": f"tokens_per_batch {args.tokens_per_batch}",
         "baseline": f"batch_size {args.batch_size}, padded to max_length {max_length}",
-        "threads": f"torch {torch.get_num_threads()} threads for both, eval mode, torch.no_grad, fp32",
+        "threads": f"torch {torch.get_num_threads()} threads for all, eval mode, no grad",
+        "precision=auto here": auto_name,
         "repeats": f"{args.repeats} (best time kept)",
         "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}, Python "
                    f"{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}",
     }
-    print(render(results, settings), flush=True)
+    print(render(results, results[2], settings), flush=True)
     if args.json_out:
         write_json(args.json_out, settings, results)
 

@@ -46,15 +46,19 @@ def test_checkpoint_reloads_to_identical_predictions(tiny_run):
     frame, _ = load_training_rows(config, result.run_dir)
     _, valid = split_train_valid(frame, config)
     texts = (list(valid["prompt"]), list(valid["response_a"]), list(valid["response_b"]))
-    first = Predictor(result.best_checkpoint).predict(*texts)
-    second = Predictor(result.best_checkpoint, tokens_per_batch=300).predict(*texts)
+    first = Predictor(result.best_checkpoint, precision="fp32").predict(*texts)
+    second = Predictor(result.best_checkpoint, tokens_per_batch=300, precision="fp32").predict(*texts)
     np.testing.assert_allclose(first, second, atol=1e-5)  # batching does not change a prediction
     assert log_loss(first, valid["label"].to_numpy()) == pytest.approx(result.best_metrics["valid_log_loss"], abs=1e-5)
+    # bf16 autocast (what precision=auto picks on CPUs with AMX) moves probabilities only slightly.
+    bf16 = Predictor(result.best_checkpoint, precision="bf16").predict(*texts)
+    np.testing.assert_allclose(bf16, first, atol=2e-2)
+    assert log_loss(bf16, valid["label"].to_numpy()) == pytest.approx(log_loss(first, valid["label"].to_numpy()), abs=5e-3)
 
 
 def test_swap_tta_exchanges_a_and_b(tiny_run):
     _, result = tiny_run
-    predictor = Predictor(result.best_checkpoint)
+    predictor = Predictor(result.best_checkpoint, precision="fp32")
     prompts, a, b = [["Which is better?"], ["hi"]], [["A long, careful answer."], ["hello!"]], [["No."], [""]]
     forward = predictor.predict(prompts, a, b, tta_swap=True)
     backward = predictor.predict(prompts, b, a, tta_swap=True)
