@@ -1,5 +1,6 @@
 """The typed config: one override path, validation errors that name the key, presets that load."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,43 @@ def test_every_preset_validates_and_holds_only_differences(path):
 
 def test_there_are_presets():
     assert {"demo.yaml", "tiny.yaml"} <= {p.name for p in CONFIGS}
+
+
+GPU_PRESETS = {"gemma2-9b-qlora-zero2.yaml", "llama3-8b-lora.yaml", "llama3-8b-full-zero3.yaml",
+               "deberta-v3-large.yaml", "flan-t5-large.yaml", "qwen2.5-0.5b-lora.yaml"}
+TINY_PRESETS = {"tiny-llama-lora.yaml", "tiny-gemma2-qlora.yaml", "tiny-qwen2-decoder-lm.yaml", "tiny-t5.yaml",
+                "tiny-llama-zero3.yaml"}
+# The header line every GPU preset carries, e.g.
+# "# Hardware: 8x NVIDIA A100 40GB, one AWS p4d.24xlarge (cluster.yaml node type gpu-8x-a100)."
+HARDWARE_LINE = re.compile(r"^# Hardware: (?P<count>\d+)x NVIDIA (?P<gpu>\S+) (?P<memory_gb>\d+)GB, .*"
+                           r"node type (?P<node_type>[\w.-]+)\)", re.MULTILINE)
+
+
+def test_the_gpu_and_tiny_presets_exist():
+    assert GPU_PRESETS | TINY_PRESETS <= {p.name for p in CONFIGS}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_a_gpu_preset_names_its_hardware_and_asks_for_it(path):
+    config = load_config(path)
+    hardware = HARDWARE_LINE.search(path.read_text())
+    if path.name not in GPU_PRESETS and not config.scaling.use_gpu:
+        assert hardware is None, f"{path.name} names GPU hardware but trains on the CPU"
+        return
+    assert path.name in GPU_PRESETS, f"{path.name} uses GPUs: add it to GPU_PRESETS"
+    assert hardware, f"{path.name} needs a '# Hardware: <n>x NVIDIA <gpu> <memory>GB, ... node type <type>)' line"
+    assert config.scaling.use_gpu, f"{path.name} names {hardware['gpu']} GPUs but leaves scaling.use_gpu false"
+    assert config.scaling.num_workers * config.scaling.gpus_per_worker <= int(hardware["count"])
+    assert config.scaling.accelerator_memory_gb == float(hardware["memory_gb"]), (
+        f"{path.name}: scaling.accelerator_memory_gb should be the {hardware['memory_gb']} GB of one {hardware['gpu']}")
+    assert config.train.precision in ("bf16", "fp16"), f"{path.name}: name the GPU's mixed precision"
+
+
+@pytest.mark.parametrize("name", sorted(TINY_PRESETS))
+def test_tiny_presets_are_small_offline_cpu_runs(name):
+    config = load_config(Path(CONFIGS[0].parent, name))
+    assert config.model.name_or_path in {"random:llama-tiny", "random:gemma2-tiny", "random:qwen2-tiny",
+                                         "random:t5-tiny"}, "tests build tiny models offline (app/tiny.py)"
+    assert config.data.train_path is None and config.data.builtin_rows <= 500
+    assert not config.scaling.use_gpu and config.train.max_steps is not None and config.train.max_steps <= 20
+    assert config.format.max_length <= 128
