@@ -146,7 +146,7 @@ def load_rows(data: str | None, rows: int | None, scratch: str):
 
     if data is None:
         data = write_builtin_dataset(os.path.join(scratch, "data"), n_train=50, n_test=rows or 1000)["test"]
-    frame = load_pairs(data, require_labels=False).frame
+    frame = load_pairs(data, require_labels=None).frame  # labels when the file has them: log loss per system
     if rows is not None and rows < len(frame):
         frame = frame.iloc[:rows].reset_index(drop=True)
         # --ray reads a file: give it exactly these rows (every cell is kept as the text it was read as).
