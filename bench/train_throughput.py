@@ -138,13 +138,13 @@ def measure_hf(variant: HFVariant, train_frame, config, threads: int | None) -> 
     if threads:
         torch.set_num_threads(threads)
     started = time.perf_counter()
-    tokenizer = build_tokenizer(config.model)
+    tokenizer = build_tokenizer(config)
     texts = [notebook_text(*row) for row in zip(train_frame["prompt"], train_frame["response_a"], train_frame["response_b"])]
     padding = "max_length" if variant == "max_length" else False
     encoded = tokenizer(texts, truncation=True, max_length=config.format.max_length, padding=padding)
     labels = train_frame["label"].tolist()
     dataset = [{**{key: values[i] for key, values in encoded.items()}, "labels": int(labels[i])} for i in range(len(texts))]
-    model = build_model(config.model)
+    model = build_model(config)
 
     tokens = {"rows": 0, "real": 0, "computed": 0}
 

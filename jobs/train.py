@@ -12,6 +12,7 @@ import json
 
 from app.cluster import connect
 from app.config import load_config
+from app.memory import check_fits
 from app.training import fit
 
 
@@ -22,6 +23,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
     config = load_config(args.config, args.overrides)
+    plan = check_fits(config)  # refuses, with the numbers, a job that cannot fit scaling.accelerator_memory_gb
+    if plan is not None:
+        print(plan.render(), flush=True)
     print(f"ray: {connect(args.address)}", flush=True)
     result = fit(config)
     metrics = result.best_metrics

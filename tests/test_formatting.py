@@ -2,10 +2,9 @@
 
 import pytest
 
-from app.config import FormatConfig
-from app.formatting import PairEncoder, keep_head_tail, share_budget, swap_labels
+from app.config import Config, FormatConfig, ModelConfig
+from app.formatting import PairEncoder, build_pair_encoder, keep_head_tail, share_budget, swap_labels
 from app.modeling import build_tokenizer
-from app.config import ModelConfig
 
 
 class WordTokenizer:
@@ -108,10 +107,59 @@ def test_swap_exchanges_responses_and_labels():
 
 @pytest.mark.parametrize("max_length", [48, 128, 512])
 def test_real_tokenizer_never_exceeds_the_budget(max_length):
-    tokenizer = build_tokenizer(ModelConfig())
+    tokenizer = build_tokenizer(Config())
     encoder = PairEncoder(tokenizer, FormatConfig(max_length=max_length))
     long = "The quick brown fox jumps over the lazy dog. " * 200
     rows = encoder.encode([["hi", long], [""]], [["short", long], [long]], [[long, "x"], ["ok"]])
     assert all(len(row) <= max_length for row in rows)
     assert len(rows[0]) == max_length
     assert rows[0][0] == tokenizer.cls_token_id and rows[0][-1] == tokenizer.sep_token_id
+
+
+CUE = ["Which", "response", "is", "better:", "A,", "B", "or", "tie?", "Answer:"]  # the default cue, word by word
+
+
+def encode_with_cue(config, prompts, a, b):
+    tokenizer = WordTokenizer()
+    encoder = PairEncoder(tokenizer, config, with_cue=True)
+    ids, segments = encoder.encode_with_segments(prompts, a, b)
+    return [tokenizer.words(row) for row in ids], segments
+
+
+def test_the_answer_cue_ends_the_row_before_the_suffix_with_segment_0():
+    rows, segments = encode_with_cue(FormatConfig(max_length=64), [["hi there"]], [["yes"]], [["no"]])
+    body = ["Prompt:", "hi", "there", "Response", "A:", "yes", "Response", "B:", "no"]
+    assert rows[0] == ["[CLS]", *body, *CUE, "[SEP]"]
+    assert segments[0] == [0] * 7 + [1] * 3 + [0] * (len(CUE) + 1)
+
+
+def test_the_cue_is_kept_whole_and_its_tokens_come_out_of_the_budget():
+    config = FormatConfig(max_length=64, head_fraction=0.5)
+    row = encode_with_cue(config, [[words(4, "p")]], [[words(200, "a")]], [[words(300, "b")]])[0][0]
+    assert len(row) == 64 and row[-len(CUE) - 1 : -1] == CUE and row[-1] == "[SEP]"
+    # 64 - 2 specials - 9 cue - 5 marker tokens = 48 for texts: the prompt keeps its 4, A and B get 22 each.
+    a_part = row[row.index("A:") + 1 : row.index("B:") - 1]
+    b_part = row[row.index("B:") + 1 : -len(CUE) - 1]
+    assert row[2:6] == ["p0", "p1", "p2", "p3"]
+    assert len(a_part) == len(b_part) == 22
+    assert a_part[-1] == "a199" and b_part[-1] == "b299"
+
+
+def test_a_lone_overflowing_turn_still_leaves_the_cue_intact():
+    row = encode_with_cue(FormatConfig(max_length=32), [[words(50, "p")]], [[words(50, "a")]], [[words(50, "b")]])[0][0]
+    assert len(row) == 32 and row[-len(CUE) - 1 : -1] == CUE and "a0" in row and "b0" in row
+
+
+def test_a_max_length_with_no_room_beside_the_cue_is_an_error():
+    config = FormatConfig(max_length=32, answer_cue=" ".join(f"w{i}" for i in range(26)))
+    with pytest.raises(ValueError, match="26-token answer cue"):
+        PairEncoder(WordTokenizer(), config, with_cue=True)
+    PairEncoder(WordTokenizer(), config)  # without the cue the same budget is fine
+
+
+@pytest.mark.parametrize("kind, has_cue", [("encoder", False), ("decoder", True), ("decoder_lm", True), ("t5", True)])
+def test_the_model_kind_decides_whether_rows_end_with_the_cue(kind, has_cue):
+    encoder = build_pair_encoder(WordTokenizer(), Config(model=ModelConfig(kind=kind)))
+    row = encoder.tokenizer.words(encoder.encode([["q"]], [["a"]], [["b"]])[0])
+    assert (row[-len(CUE) - 1 : -1] == CUE) is has_cue
+    assert row[-1] == "[SEP]" and row[-(len(CUE) if has_cue else 0) - 2] == "b"

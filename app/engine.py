@@ -1,0 +1,210 @@
+"""How a worker takes optimizer steps: plain DDP or a DeepSpeed ZeRO engine, behind one small interface.
+
+The training loop calls `backward(loss, boundary)` per micro-batch and `step()` at each accumulation
+boundary; it never branches on DeepSpeed itself. Both steppers also save and restore their optimizer,
+scheduler and scaler state for resume, and export the full weights for an inference checkpoint.
+
+    stepper = build_stepper(model, config, total_steps, device)
+    with stepper.accumulate(boundary):   # DDP skips the all-reduce until the boundary
+        loss = ...forward through stepper.model...
+        stepper.backward(loss, boundary)
+    if boundary:
+        stepper.step()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Protocol
+
+import ray.train.torch
+import torch
+from transformers import get_cosine_schedule_with_warmup
+
+from app.config import Config
+from app.modeling import autocast_dtype
+
+TORCH_STATE_FILE = "train_state.pt"  # weights, optimizer, scheduler, scaler (rank 0)
+DEEPSPEED_TAG = "deepspeed"  # the engine's checkpoint folder inside a Ray checkpoint
+
+
+class Stepper(Protocol):
+    model: torch.nn.Module  # what the forward pass goes through (DDP / DeepSpeed wrapper or the bare model)
+    amp_dtype: torch.dtype | None  # autocast dtype for the forward pass; None = fp32 or the engine casts itself
+
+    def accumulate(self, boundary: bool) -> contextlib.AbstractContextManager: ...
+    def backward(self, loss: torch.Tensor, boundary: bool) -> None: ...
+    def step(self) -> None: ...
+    def lr(self) -> float: ...
+    def export_state_dict(self) -> dict[str, torch.Tensor] | None: ...
+    def save_state(self, directory: str, rank: int) -> None: ...
+    def load_state(self, directory: str) -> None: ...
+    def close(self) -> None: ...
+
+
+HEAD_MODULES = {"classifier", "pre_classifier", "pooler", "score"}  # new (not pretrained) heads of HF classifiers
+
+
+def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; biases and norms get no weight decay, and the fresh head
+    (the classifier, its pooler, a decoder's `score`) learns `head_lr_scale` x the lr. LoRA weights count as body."""
+    inner = getattr(model, "module", model)
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, param in inner.named_parameters():
+        if param.requires_grad:
+            parts = name.split(".")
+            is_head = "lora_" not in name and any(part in HEAD_MODULES for part in parts)
+            decays = param.ndim >= 2 and "norm" not in name.lower()
+            groups.setdefault((is_head, decays), []).append(param)
+    return torch.optim.AdamW(
+        [{"params": params, "lr": config.train.lr * (config.train.head_lr_scale if is_head else 1.0),
+          "weight_decay": config.train.weight_decay if decays else 0.0}
+         for (is_head, decays), params in groups.items()],
+        lr=config.train.lr, fused=False,
+    )
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: Config, total_steps: int):
+    return get_cosine_schedule_with_warmup(optimizer, round(config.train.warmup_ratio * total_steps), total_steps)
+
+
+class TorchStepper:
+    """DistributedDataParallel (via Ray Train's prepare_model), AdamW, cosine schedule, autocast + GradScaler."""
+
+    def __init__(self, model: torch.nn.Module, config: Config, total_steps: int, device: torch.device) -> None:
+        self.config = config
+        self.model = ray.train.torch.prepare_model(model)
+        self.optimizer = build_optimizer(self.model, config)
+        self.scheduler = build_scheduler(self.optimizer, config, total_steps)
+        self.amp_dtype = autocast_dtype(config.train.precision, device, for_training=True)
+        self.scaler = torch.amp.GradScaler(enabled=self.amp_dtype == torch.float16)
+
+    def accumulate(self, boundary: bool) -> contextlib.AbstractContextManager:
+        if boundary or not isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.model.no_sync()
+
+    def backward(self, loss: torch.Tensor, boundary: bool) -> None:
+        self.scaler.scale(loss / self.config.train.grad_accum_steps).backward()
+
+    def step(self) -> None:
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                       self.config.train.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def export_state_dict(self) -> dict[str, torch.Tensor] | None:
+        return None  # the unwrapped model holds the full weights on every rank
+
+    def save_state(self, directory: str, rank: int) -> None:
+        """Rank 0 writes the trained weights (all, or adapter + head), optimizer, scheduler and scaler state:
+        DDP keeps them identical on every rank."""
+        if rank != 0:
+            return
+        inner = getattr(self.model, "module", self.model)
+        if self.config.adapter.method == "full":
+            weights = inner.state_dict()
+        else:
+            weights = {name: param.detach() for name, param in inner.named_parameters() if param.requires_grad}
+        torch.save({"model": weights, "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()},
+                   os.path.join(directory, TORCH_STATE_FILE))
+
+    def load_state(self, directory: str) -> None:
+        state = torch.load(os.path.join(directory, TORCH_STATE_FILE), map_location="cpu", weights_only=False)
+        inner = getattr(self.model, "module", self.model)
+        missing, unexpected = inner.load_state_dict(state["model"], strict=False)
+        trainable = {name for name, param in inner.named_parameters() if param.requires_grad}
+        if unexpected or trainable & set(missing):
+            raise RuntimeError(f"checkpoint {directory} does not match this model: missing trained weights "
+                               f"{sorted(trainable & set(missing))[:5]}, unexpected {unexpected[:5]}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+
+    def close(self) -> None:
+        pass  # Ray Train tears down the process group
+
+
+class DeepSpeedStepper:
+    """A DeepSpeed engine over our AdamW and schedule; ZeRO stage, offload and precision from the config."""
+
+    def __init__(self, model: torch.nn.Module, config: Config, total_steps: int, device: torch.device,
+                 ds_config: dict[str, Any]) -> None:
+        import deepspeed
+
+        self.config = config
+        optimizer = build_optimizer(model, config)
+        scheduler = build_scheduler(optimizer, config, total_steps)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+            model_parameters=[p for p in model.parameters() if p.requires_grad])
+        self.model = self.engine
+        self.amp_dtype = None  # the engine holds the weights in bf16 / fp16 itself when configured
+        self.zero3 = config.deepspeed.stage == 3
+
+    def accumulate(self, boundary: bool) -> contextlib.AbstractContextManager:
+        self.engine.set_gradient_accumulation_boundary(boundary)  # the engine reduces gradients at the boundary
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, boundary: bool) -> None:
+        self.engine.backward(loss)  # scales by 1 / gradient_accumulation_steps itself
+
+    def step(self) -> None:
+        self.engine.step()  # clipping, optimizer, zero_grad and the scheduler
+
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def export_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Under ZeRO-3 gather the trained parameters (all of them, or adapter + head) to every rank, on CPU."""
+        if not self.zero3:
+            return None
+        import deepspeed
+
+        module = self.engine.module
+        adapter_only = self.config.adapter.method != "full"
+        names = [name for name, param in module.named_parameters() if param.requires_grad or not adapter_only]
+        params = dict(module.named_parameters())
+        state: dict[str, torch.Tensor] = {}
+        for name in names:  # one parameter at a time: no rank ever holds the whole model twice
+            with deepspeed.zero.GatheredParameters([params[name]], modifier_rank=None):
+                state[name] = params[name].detach().to("cpu", copy=True)
+        if not adapter_only:
+            for name, buffer in module.named_buffers():
+                state[name] = buffer.detach().to("cpu", copy=True)
+        return state
+
+    def save_state(self, directory: str, rank: int) -> None:
+        """Every rank writes its own ZeRO shards; Ray Train merges all ranks' files into one checkpoint."""
+        self.engine.save_checkpoint(directory, tag=DEEPSPEED_TAG,
+                                    exclude_frozen_parameters=self.config.adapter.method != "full")
+
+    def load_state(self, directory: str) -> None:
+        path, _ = self.engine.load_checkpoint(directory, tag=DEEPSPEED_TAG,
+                                              load_module_strict=self.config.adapter.method == "full")
+        if path is None:
+            raise RuntimeError(f"no DeepSpeed engine state under {directory}/{DEEPSPEED_TAG}; "
+                               "this checkpoint cannot resume a DeepSpeed run")
+
+    def close(self) -> None:
+        from app.deepspeed import shutdown_engine
+
+        shutdown_engine(self.engine)
+
+
+def build_stepper(model: torch.nn.Module, config: Config, total_steps: int, device: torch.device,
+                  world_size: int) -> Stepper:
+    """The DeepSpeed stepper when `deepspeed.enabled`, else DDP."""
+    if not config.deepspeed.enabled:
+        return TorchStepper(model, config, total_steps, device)
+    from app.deepspeed import build_deepspeed_config
+
+    return DeepSpeedStepper(model, config, total_steps, device, build_deepspeed_config(config, world_size))

@@ -1,0 +1,96 @@
+"""Resume and fault tolerance on a real local Ray: a killed worker is replaced and training continues from
+the last checkpoint; a failed run resubmitted under the same name continues too. Both end with the metrics
+of an uninterrupted run."""
+
+import signal
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from app.config import ConfigError, load_config
+from app.training import fit
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+SETTINGS = {"train.checkpoint_every_steps": 5, "run.keep_checkpoints": 1}
+TOLERANCE = 1e-3  # on validation log loss: what a resumed run may differ by from an uninterrupted one
+
+
+def tiny_config(storage: Path, name: str, **overrides):
+    return load_config(TINY, {"run.storage_path": str(storage), "run.name": name, **SETTINGS, **overrides})
+
+
+def train_workers() -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if any("RayTrainWorker" in part for part in process.info["cmdline"] or []):
+                found.append(process)
+        except psutil.Error:
+            continue
+    return found
+
+
+def kill_a_worker_after_checkpoint(run_dir: Path, timeout: float = 300) -> None:
+    """Wait until Ray has registered a mid-epoch checkpoint of the run, then SIGKILL one training worker."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if snapshot.exists() and "_step_" in snapshot.read_text():
+            workers = train_workers()
+            if workers:
+                workers[-1].send_signal(signal.SIGKILL)
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"no mid-epoch checkpoint appeared in {run_dir} within {timeout} s")
+
+
+def fit_while_killing(config, run_dir: Path):
+    """Run fit in a thread, kill a worker once a checkpoint exists; return fit's result or exception."""
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["result"] = fit(config)
+        except Exception as exc:  # noqa: BLE001 - handed to the test
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    kill_a_worker_after_checkpoint(run_dir)
+    thread.join(timeout=900)
+    assert not thread.is_alive(), "training did not finish after the worker was killed"
+    return outcome
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_session, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("runs")
+    return fit(tiny_config(storage, "straight"))
+
+
+def test_a_killed_worker_is_replaced_and_training_continues(uninterrupted, tmp_path):
+    config = tiny_config(tmp_path, "killed", **{"run.max_failures": 1})
+    outcome = fit_while_killing(config, tmp_path / "killed")
+    assert "error" not in outcome, outcome.get("error")
+    result = outcome["result"]
+    resumed = [row.get("resumed_from_step") for row in result.history]
+    assert any(step is not None and step > 0 for step in resumed)  # restarted from a checkpoint, not step 0
+    assert result.history[-1]["step"] == uninterrupted.history[-1]["step"]
+    assert result.best_metrics["valid_log_loss"] == pytest.approx(uninterrupted.best_metrics["valid_log_loss"],
+                                                                  abs=TOLERANCE)
+
+
+def test_a_failed_run_resubmitted_under_its_name_continues(uninterrupted, tmp_path):
+    config = tiny_config(tmp_path, "resubmitted")
+    outcome = fit_while_killing(config, tmp_path / "resubmitted")
+    assert "error" in outcome  # max_failures=0: the run fails
+    with pytest.raises(ConfigError, match="run.resume"):
+        fit(tiny_config(tmp_path, "resubmitted", **{"run.resume": False}))
+    result = fit(config)  # the same command again
+    assert result.history[-1].get("resumed_from_step", 0) > 0
+    assert [row["epoch"] for row in result.history] == [row["epoch"] for row in uninterrupted.history]
+    assert result.best_metrics["valid_log_loss"] == pytest.approx(uninterrupted.best_metrics["valid_log_loss"],
+                                                                  abs=TOLERANCE)
