@@ -10,6 +10,11 @@ import torch
 from app.batching import token_budget_batches
 from app.formatting import SWAPPED_LABEL, build_pair_encoder
 from app.metrics import softmax
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 from app.modeling import autocast, autocast_dtype, forward_batch, load_checkpoint
 
 
@@ -38,6 +43,19 @@ class Predictor:
                                                 [segments[i] for i in batch], self.pad_id, self.device)
             logits[batch] = batch_logits.float().cpu().numpy()
         return logits
+
+    def predict_logits(self, prompts: Sequence[Sequence[str]], responses_a: Sequence[Sequence[str]],
+                       responses_b: Sequence[Sequence[str]], tta_swap: bool = False) -> np.ndarray:
+        """(N, 3) class logits (what out-of-fold files and ensembles store).
+
+        With `tta_swap` they are the mean of both views' log-probabilities (A/B columns of the swapped view
+        put back): softmax of that is the normalised geometric mean of the two views' probabilities.
+        """
+        logits = self.logits_of(*self.encoder.encode_with_segments(prompts, responses_a, responses_b))
+        if not tta_swap:
+            return logits
+        swapped = self.logits_of(*self.encoder.encode_with_segments(prompts, responses_a, responses_b, swap=True))
+        return (log_softmax(logits) + log_softmax(swapped)[:, list(SWAPPED_LABEL)]) / 2
 
     def predict(self, prompts: Sequence[Sequence[str]], responses_a: Sequence[Sequence[str]],
                 responses_b: Sequence[Sequence[str]], tta_swap: bool = False) -> np.ndarray:

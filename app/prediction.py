@@ -5,13 +5,16 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
+import pandas as pd
 import ray.data
 import ray.train
 
 from app.config import PredictConfig
 from app.data import load_pairs, write_submission
+from app.ensemble import EnsembleSpec, apply_spec_to_member_logits, load_spec
 from app.inference import Predictor
 from app.metrics import score
 
@@ -39,40 +42,65 @@ def local_checkpoint(checkpoint: str) -> str:
 
 
 class PredictBatch:
-    """Ray Data map_batches callable: one Predictor per actor, loaded once."""
+    """Ray Data map_batches callable: one Predictor per actor, loaded once; yields probabilities or logits."""
 
-    def __init__(self, checkpoint_dir: str, config: dict) -> None:
+    def __init__(self, checkpoint_dir: str, config: dict, output: Literal["probs", "logits"] = "probs") -> None:
         predict = PredictConfig.model_validate(config)
-        self.tta_swap = predict.tta_swap
+        self.tta_swap, self.output = predict.tta_swap, output
         self.predictor = Predictor(checkpoint_dir, predict.tokens_per_batch, num_threads=max(1, int(predict.cpus_per_actor)),
                                    precision=predict.precision)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         texts = [list(map(list, batch[column])) for column in ("prompt", "response_a", "response_b")]
-        probs = self.predictor.predict(*texts, tta_swap=self.tta_swap)
-        return {"row": batch["row"], "probs": probs}
+        score = self.predictor.predict_logits if self.output == "logits" else self.predictor.predict
+        return {"row": batch["row"], "values": score(*texts, tta_swap=self.tta_swap)}
 
 
-def predict_file(checkpoint: str, input_uri: str, output_uri: str, config: PredictConfig,
-                 on_bad_rows: str = "error", rejects_path: str | None = None) -> PredictionReport:
-    """Score every row of a Kaggle test (or train) file and write submission.csv in input id order."""
-    started = time.perf_counter()
-    table = load_pairs(input_uri, on_bad_rows=on_bad_rows, rejects_path=rejects_path)
-    if table.n_rejected:
-        print(f"predict: {table.n_rejected} bad rows are NOT in the submission; see {table.rejects_path}", flush=True)
-    frame = table.frame.assign(row=np.arange(len(table.frame)))
+def score_rows(checkpoint: str, frame: pd.DataFrame, config: PredictConfig,
+               output: Literal["probs", "logits"] = "probs") -> np.ndarray:
+    """(N, 3) probabilities or logits of a frame of rows (prompt, response_a, response_b), in frame order,
+    computed by an actor pool of Predictors over Ray Data."""
     checkpoint_dir = local_checkpoint(checkpoint)
+    frame = frame.assign(row=np.arange(len(frame)))
     dataset = ray.data.from_pandas(frame[["row", "prompt", "response_a", "response_b"]])
-    dataset = dataset.map_batches(PredictBatch, fn_constructor_args=(checkpoint_dir, config.model_dump()),
+    dataset = dataset.map_batches(PredictBatch, fn_constructor_args=(checkpoint_dir, config.model_dump(), output),
                                   batch_size=ROWS_PER_TASK, concurrency=config.num_actors,
                                   num_cpus=config.cpus_per_actor)
     rows, parts = [], []
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
         rows.append(batch["row"])
-        parts.append(np.stack(batch["probs"]))
+        parts.append(np.stack(batch["values"]))
         print(f"predict: {sum(map(len, rows))}/{len(frame)} rows", flush=True)
-    order = np.argsort(np.concatenate(rows))
-    probs = np.concatenate(parts)[order]
-    write_submission(list(frame["id"]), probs, output_uri)
-    metrics = score(probs, frame["label"].to_numpy()) if table.has_labels else {}
-    return PredictionReport(output_uri, len(frame), time.perf_counter() - started, metrics, table.n_rejected)
+    return np.concatenate(parts)[np.argsort(np.concatenate(rows))]
+
+
+def predict_with_spec(spec: EnsembleSpec, frame: pd.DataFrame, config: PredictConfig) -> np.ndarray:
+    """(N, 3) ensemble probabilities: every member's logits, combined by the spec (weights, temperatures,
+    mode, class priors) through `apply_spec_to_member_logits`, the function the Serve app uses too."""
+    member_logits = {member.name: score_rows(member.checkpoint, frame, config, output="logits")
+                     for member in spec.members}
+    return apply_spec_to_member_logits(spec, member_logits)
+
+
+def is_spec_path(path: str) -> bool:
+    """An ensemble spec is a .json file; a checkpoint is a folder."""
+    return path.endswith(".json")
+
+
+def predict_file(checkpoint: str, input_uri: str, output_uri: str, config: PredictConfig,
+                 on_bad_rows: str = "error", rejects_path: str | None = None) -> PredictionReport:
+    """Score every row of a Kaggle test (or train) file and write submission.csv in input id order.
+
+    `checkpoint` is a checkpoint folder (or URI), or an ensemble spec (.json, written by jobs/ensemble.py).
+    """
+    started = time.perf_counter()
+    table = load_pairs(input_uri, on_bad_rows=on_bad_rows, rejects_path=rejects_path)
+    if table.n_rejected:
+        print(f"predict: {table.n_rejected} bad rows are NOT in the submission; see {table.rejects_path}", flush=True)
+    if is_spec_path(checkpoint):
+        probs = predict_with_spec(load_spec(checkpoint), table.frame, config)
+    else:
+        probs = score_rows(checkpoint, table.frame, config)
+    write_submission(list(table.frame["id"]), probs, output_uri)
+    metrics = score(probs, table.frame["label"].to_numpy()) if table.has_labels else {}
+    return PredictionReport(output_uri, len(table.frame), time.perf_counter() - started, metrics, table.n_rejected)

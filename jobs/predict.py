@@ -17,7 +17,7 @@ from app.prediction import predict_file
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint folder or URI")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint folder or URI, or an ensemble spec .json (jobs/ensemble.py)")
     parser.add_argument("--input", required=True, help="Kaggle test.csv / train.csv (.csv, .csv.gz, .parquet; local or URI)")
     parser.add_argument("--output", default="submission.csv")
     parser.add_argument("--config", help="YAML preset whose predict and data sections apply")

@@ -50,7 +50,8 @@ def test_importing_app_does_no_work(tmp_path):
     import subprocess
     import sys
 
-    code = ("import app.config, app.data, app.formatting, app.metrics, app.batching, app.synthetic; "
+    code = ("import app.config, app.data, app.formatting, app.metrics, app.batching, app.synthetic, "
+            "app.calibration, app.priors, app.ensemble; "
             "import sys; assert 'ray' not in sys.modules and 'torch' not in sys.modules, sorted(sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -1,0 +1,172 @@
+"""K-fold training of one ensemble member and its out-of-fold logits, in the one format later steps read.
+
+A member folder (`<run.storage_path>/<run.name>/`) holds:
+
+    member.json   {"format": 1, "member": name, "folds": [{"fold", "checkpoint", "valid_log_loss",
+                   "valid_accuracy", "rows"}], "oof_log_loss", "oof_accuracy", "tta_swap", "config"}
+    oof.parquet   one row per training row: id (str), fold (int), label (int), logit_a, logit_b, logit_tie,
+                  scored by the fold model that did not train on it
+    test.parquet  (with a test file) every fold model on every test row: id, fold, logit_a, logit_b, logit_tie
+
+Logits are natural-log class scores (softmax gives probabilities); with `predict.tta_swap` they are the mean
+of both A/B views' log-probabilities. Folds are the prompt-grouped split of app/data.py (`data.n_folds`,
+`seed`), so members trained with the same data settings share folds row for row, which calibration and
+ensemble fitting (app/calibration.py, app/ensemble.py) rely on; `load_members` checks it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from app.calibration import expected_calibration_error, fit_calibration, reliability_diagram
+from app.config import Config, apply_overrides, config_to_dict, validate_config
+from app.data import load_pairs
+from app.ensemble import EnsembleMember, EnsembleSpec, combine, fit_ensemble, save_spec
+from app.metrics import score, softmax
+from app.modeling import library_versions
+from app.prediction import score_rows
+from app.training import fit, load_training_rows, run_directory, split_train_valid
+
+OOF_FORMAT = 1
+LOGIT_COLUMNS = ("logit_a", "logit_b", "logit_tie")
+
+
+@dataclass
+class Member:
+    """One member's out-of-fold (and test) logits, read back from its folder."""
+
+    name: str
+    directory: str
+    oof: pd.DataFrame
+    test: pd.DataFrame | None
+    meta: dict
+
+    @property
+    def oof_logits(self) -> np.ndarray:
+        return self.oof[list(LOGIT_COLUMNS)].to_numpy(dtype=np.float64)
+
+    def checkpoints(self) -> list[str]:
+        return [fold["checkpoint"] for fold in self.meta["folds"]]
+
+
+def run_cv(config: Config, folds: list[int] | None = None, test_path: str | None = None) -> Member:
+    """Train `config` once per fold (run names `<run.name>-fold<k>`), score each held-out fold and the test
+    file, and write the member folder. Returns the member as read back."""
+    member_dir = run_directory(config)
+    folds = list(range(config.data.n_folds)) if folds is None else folds
+    test_frame = load_pairs(test_path, require_labels=False).frame if test_path else None
+    oof_parts, test_parts, fold_meta = [], [], []
+    for fold in folds:
+        fold_config = validate_config(apply_overrides(config_to_dict(config), {
+            "data.valid_fold": fold, "run.name": f"{config.run.name}-fold{fold}"}), f"fold {fold} config")
+        result = fit(fold_config)
+        frame, _ = load_training_rows(fold_config, result.run_dir)
+        _, valid = split_train_valid(frame, fold_config)
+        logits = score_rows(result.best_checkpoint, valid, config.predict, output="logits")
+        oof_parts.append(_logit_frame(valid["id"], fold, logits).assign(label=valid["label"].to_numpy()))
+        fold_meta.append({"fold": fold, "checkpoint": result.best_checkpoint, "rows": len(valid),
+                          **{f"valid_{k}": v for k, v in score(softmax(logits), valid["label"].to_numpy()).items()}})
+        if test_frame is not None:
+            test_parts.append(_logit_frame(test_frame["id"], fold, score_rows(result.best_checkpoint, test_frame,
+                                                                                config.predict, output="logits")))
+        print(f"cv: fold {fold}: valid log loss {fold_meta[-1]['valid_log_loss']:.4f}", flush=True)
+    oof = pd.concat(oof_parts, ignore_index=True)
+    oof_metrics = score(softmax(oof[list(LOGIT_COLUMNS)].to_numpy()), oof["label"].to_numpy())
+    meta = {"format": OOF_FORMAT, "member": config.run.name, "folds": fold_meta,
+            "oof_log_loss": oof_metrics["log_loss"], "oof_accuracy": oof_metrics["accuracy"],
+            "tta_swap": config.predict.tta_swap, "config": config_to_dict(config)}
+    os.makedirs(member_dir, exist_ok=True)
+    oof.to_parquet(os.path.join(member_dir, "oof.parquet"), index=False)
+    if test_parts:
+        pd.concat(test_parts, ignore_index=True).to_parquet(os.path.join(member_dir, "test.parquet"), index=False)
+    with open(os.path.join(member_dir, "member.json"), "w", encoding="utf-8") as handle:
+        json.dump(meta, handle, indent=2)
+    return load_member(member_dir)
+
+
+def _logit_frame(ids: pd.Series, fold: int, logits: np.ndarray) -> pd.DataFrame:
+    frame = pd.DataFrame(logits, columns=list(LOGIT_COLUMNS))
+    frame.insert(0, "fold", fold)
+    frame.insert(0, "id", ids.astype(str).to_numpy())
+    return frame
+
+
+def load_member(directory: str) -> Member:
+    """Read a member folder written by `run_cv`."""
+    meta_path = os.path.join(directory, "member.json")
+    if not os.path.exists(meta_path):
+        raise FileNotFoundError(f"{directory} is not an out-of-fold member folder: it has no member.json "
+                                "(write one with `python -m jobs.cv`)")
+    with open(meta_path, encoding="utf-8") as handle:
+        meta = json.load(handle)
+    if meta.get("format") != OOF_FORMAT:
+        raise ValueError(f"{meta_path}: format {meta.get('format')}, this version reads format {OOF_FORMAT}")
+    oof = pd.read_parquet(os.path.join(directory, "oof.parquet"))
+    test_path = os.path.join(directory, "test.parquet")
+    test = pd.read_parquet(test_path) if os.path.exists(test_path) else None
+    return Member(meta["member"], directory, oof, test, meta)
+
+
+def load_members(directories: list[str]) -> tuple[list[Member], np.ndarray]:
+    """Members aligned on the same rows (sorted by id) and the labels; raises if their rows or folds differ."""
+    members = [load_member(directory) for directory in directories]
+    for member in members:
+        member.oof = member.oof.sort_values("id", kind="stable").reset_index(drop=True)
+    first = members[0].oof
+    for member in members[1:]:
+        if not (member.oof["id"].equals(first["id"]) and member.oof["fold"].equals(first["fold"])):
+            raise ValueError(f"members {members[0].name} and {member.name} were not scored on the same rows and "
+                             "folds: train them with the same data.train_path, data.n_folds and seed")
+    return members, first["label"].to_numpy()
+
+
+def build_ensemble(directories: list[str], out_dir: str, mode: Literal["prob", "logit"] = "prob",
+                   priors: Literal["em"] | list[float] | None = None) -> tuple[EnsembleSpec, pd.DataFrame]:
+    """Calibrate each member on its out-of-fold logits, fit simplex weights, and write the ensemble.
+
+    Writes to `out_dir`: ensemble.json (the spec predict and Serve load), calibration.csv (each member's
+    out-of-fold log loss and ECE before / after its temperature, and the ensemble's) and one reliability
+    diagram PNG per member. In the spec a member's K fold models stand in for it with weight w/K each and
+    its temperature, so test rows are scored by every fold model, as Kaggle ensembles do; each fold model's
+    reported log loss is its member's out-of-fold one.
+    """
+    members, labels = load_members(directories)
+    os.makedirs(out_dir, exist_ok=True)
+    rows = []
+    for member in members:
+        report = fit_calibration(member.oof_logits, labels)
+        reliability_diagram(softmax(member.oof_logits), report.apply(member.oof_logits), labels,
+                            os.path.join(out_dir, f"reliability_{member.name}.png"))
+        rows.append({"member": member.name, "rows": report.n_rows, "temperature": report.temperature,
+                     "log_loss_before": report.log_loss_before, "log_loss_after": report.log_loss_after,
+                     "ece_before": report.ece_before, "ece_after": report.ece_after})
+    fitted = fit_ensemble({m.name: m.oof_logits for m in members}, {m.name: m.directory for m in members},
+                          labels, mode, priors=priors, versions=library_versions())
+    ensemble_probs = combine([m.oof_logits for m in members], [m.weight for m in fitted.members], mode,
+                             [m.temperature for m in fitted.members])
+    rows.append({"member": f"ensemble ({mode} averaging)", "rows": len(labels), "temperature": None,
+                 "log_loss_before": None, "log_loss_after": fitted.report.ensemble_log_loss,
+                 "ece_before": None, "ece_after": expected_calibration_error(ensemble_probs, labels)})
+    table = pd.DataFrame(rows).assign(weight=[m.weight for m in fitted.members] + [1.0])
+    fold_members, fold_losses = [], {}
+    for member, fitted_member in zip(members, fitted.members, strict=True):
+        checkpoints = member.checkpoints()
+        for fold, checkpoint in zip(member.meta["folds"], checkpoints, strict=True):
+            name = f"{member.name}/fold{fold['fold']}"
+            fold_members.append(EnsembleMember(name=name, checkpoint=checkpoint,
+                                               weight=fitted_member.weight / len(checkpoints),
+                                               temperature=fitted_member.temperature))
+            fold_losses[name] = fitted.report.member_log_loss[member.name]
+    spec = fitted.model_copy(update={
+        "members": tuple(fold_members),
+        "report": fitted.report.model_copy(update={"member_log_loss": fold_losses})})
+    spec = EnsembleSpec.model_validate(spec.model_dump())  # re-check the expanded spec (weights still sum to 1)
+    save_spec(spec, os.path.join(out_dir, "ensemble.json"))
+    table.to_csv(os.path.join(out_dir, "calibration.csv"), index=False)
+    return spec, table

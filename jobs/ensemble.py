@@ -1,0 +1,32 @@
+"""Calibrate out-of-fold members, fit their ensemble weights, and write the ensemble spec.
+
+    python -m jobs.ensemble --members runs/minilm runs/deberta --out runs/ensemble --mode prob --priors em
+
+Reads member folders written by jobs/cv.py; writes <out>/ensemble.json (for jobs/predict.py --checkpoint and
+the Serve app), <out>/calibration.csv and a reliability diagram per member.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import yaml
+
+from app.crossval import build_ensemble
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--members", nargs="+", required=True, help="member folders written by jobs/cv.py")
+    parser.add_argument("--out", required=True, help="folder for ensemble.json, calibration.csv and plots")
+    parser.add_argument("--mode", choices=["prob", "logit"], default="prob", help="probability or logit averaging")
+    parser.add_argument("--priors", help="target class priors: 'em' (estimated on each test file) or 'pA,pB,pTie'")
+    args = parser.parse_args(argv)
+    priors = args.priors if args.priors in (None, "em") else [float(p) for p in yaml.safe_load(f"[{args.priors}]")]
+    spec, table = build_ensemble(args.members, args.out, args.mode, priors)
+    print(table.to_string(index=False, float_format=lambda value: f"{value:.4f}"))
+    print(f"ensemble spec: {args.out}/ensemble.json ({len(spec.members)} fold models)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

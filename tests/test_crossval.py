@@ -1,0 +1,84 @@
+"""Out-of-fold training (real Ray, tiny MiniLM), the ensemble built from members, and predict with its spec."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from app.config import load_config
+from app.crossval import LOGIT_COLUMNS, build_ensemble, load_member, run_cv
+from app.data import load_pairs
+from app.ensemble import apply_spec_to_member_logits, load_spec
+from app.inference import Predictor
+from app.prediction import predict_file
+from app.training import load_training_rows, run_directory
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def member(ray_session, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("cv")
+    config = load_config(TINY, {"run.storage_path": str(storage), "run.name": "minilm", "data.n_folds": 2,
+                                "train.epochs": 1, "train.max_steps": 6, "predict.precision": "fp32",
+                                "run.keep_checkpoints": 1})
+    test_path = storage / "test.csv"
+    frame, _ = load_training_rows(config, run_directory(config))  # writes the built-in data
+    shutil.copy(Path(run_directory(config)) / "builtin_data" / "test.csv", test_path)
+    return config, run_cv(config, test_path=str(test_path)), test_path, frame
+
+
+def test_every_training_row_gets_one_out_of_fold_logit(member):
+    config, result, test_path, frame = member
+    oof = result.oof
+    assert sorted(oof["id"]) == sorted(frame["id"].astype(str))  # each row exactly once
+    assert set(oof["fold"]) == {0, 1} and np.isfinite(oof[list(LOGIT_COLUMNS)].to_numpy()).all()
+    test = pd.read_csv(test_path)
+    assert len(result.test) == 2 * len(test)  # every fold model on every test row
+    assert load_member(result.directory).meta["oof_log_loss"] == pytest.approx(result.meta["oof_log_loss"])
+    assert len(result.checkpoints()) == 2
+
+
+def write_member_like(source, directory: Path, name: str, logits: np.ndarray) -> str:
+    """A copy of a real member folder (same rows, folds and fold checkpoints) with other out-of-fold logits."""
+    shutil.copytree(source.directory, directory, ignore=shutil.ignore_patterns("builtin_data", "test.parquet"))
+    oof = source.oof.copy()
+    oof[list(LOGIT_COLUMNS)] = logits
+    oof.to_parquet(directory / "oof.parquet", index=False)
+    meta = (directory / "member.json").read_text().replace(f'"member": "{source.name}"', f'"member": "{name}"')
+    (directory / "member.json").write_text(meta)
+    return str(directory)
+
+
+def test_ensemble_favours_the_better_member_and_predict_uses_its_spec(member, tmp_path):
+    config, trained, test_path, _ = member
+    # A few steps on 150 rows leave the real member's out-of-fold logits without signal (temperature fitting
+    # rightly refuses them), so the ensemble is fitted on controlled logits over the member's real rows,
+    # folds and checkpoints: "sharp" knows the label, "noisy" is half of sharp and half another row's.
+    labels = trained.oof["label"].to_numpy()
+    rng = np.random.default_rng(0)
+    sharp = np.eye(3)[labels] * 1.5 + rng.normal(0, 1, (len(labels), 3))
+    noisy = 0.5 * sharp + 0.5 * sharp[rng.permutation(len(labels))]
+    directories = [write_member_like(trained, tmp_path / "sharp", "sharp", sharp),
+                   write_member_like(trained, tmp_path / "noisy", "noisy", noisy)]
+
+    spec, table = build_ensemble(directories, str(tmp_path / "ensemble"), mode="prob")
+    weights = {m.name.split("/")[0]: 0.0 for m in spec.members}
+    for m in spec.members:
+        weights[m.name.split("/")[0]] += m.weight
+    assert weights["sharp"] > weights["noisy"]
+    assert len(spec.members) == 4  # 2 members x 2 fold models
+    assert (tmp_path / "ensemble" / "reliability_sharp.png").stat().st_size > 0
+    assert set(table["member"]) >= {"sharp", "noisy"}
+    assert load_spec(tmp_path / "ensemble" / "ensemble.json") == spec
+
+    output = tmp_path / "submission.csv"
+    predict_file(str(tmp_path / "ensemble" / "ensemble.json"), str(test_path), str(output), config.predict)
+    submission = pd.read_csv(output)
+    frame = load_pairs(str(test_path), require_labels=False).frame
+    texts = (list(frame["prompt"]), list(frame["response_a"]), list(frame["response_b"]))
+    member_logits = {m.name: Predictor(m.checkpoint, precision="fp32").predict_logits(*texts) for m in spec.members}
+    expected = apply_spec_to_member_logits(spec, member_logits)
+    np.testing.assert_allclose(submission.iloc[:, 1:].to_numpy(), expected, atol=1e-5)

@@ -1,0 +1,72 @@
+import numpy as np
+import pytest
+
+from app.metrics import log_loss, softmax
+from app.priors import class_frequencies, estimate_priors_em, reweight_to_priors
+
+TRAIN_PRIORS = np.array([0.35, 0.35, 0.30])
+TEST_PRIORS = np.array([0.49, 0.48, 0.03])
+CLASS_MEANS = np.array([[1.5, 0.0], [-1.5, 0.0], [0.0, 1.5]])  # (C, 2) unit-variance Gaussian classes
+
+
+def calibrated_posteriors(priors: np.ndarray, n_rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows drawn with class shares `priors`, and their exact posteriors under TRAIN_PRIORS."""
+    rng = np.random.default_rng(seed)
+    labels = rng.choice(3, size=n_rows, p=priors)
+    features = CLASS_MEANS[labels] + rng.normal(size=(n_rows, 2))
+    log_likelihood = -0.5 * ((features[:, None, :] - CLASS_MEANS[None]) ** 2).sum(axis=-1)  # (N, C)
+    return softmax(log_likelihood + np.log(TRAIN_PRIORS)), labels
+
+
+def test_em_recovers_a_shifted_prior_and_lowers_the_log_loss():
+    probs, labels = calibrated_posteriors(TEST_PRIORS, 20_000, seed=0)
+    priors, adjusted, n_iter = estimate_priors_em(probs, TRAIN_PRIORS)
+    np.testing.assert_allclose(priors, TEST_PRIORS, atol=0.02)
+    assert 1 < n_iter < 100
+    np.testing.assert_allclose(adjusted, reweight_to_priors(probs, TRAIN_PRIORS, priors))
+    assert log_loss(adjusted, labels) < log_loss(probs, labels) - 0.05
+
+
+def test_em_on_unshifted_rows_stays_near_the_train_priors():
+    probs, _ = calibrated_posteriors(TRAIN_PRIORS, 20_000, seed=1)
+    priors, _, _ = estimate_priors_em(probs, TRAIN_PRIORS)
+    np.testing.assert_allclose(priors, TRAIN_PRIORS, atol=0.02)
+
+
+def test_em_warns_when_it_runs_out_of_iterations():
+    probs, _ = calibrated_posteriors(TEST_PRIORS, 2000, seed=2)
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        _, _, n_iter = estimate_priors_em(probs, TRAIN_PRIORS, max_iter=2)
+    assert n_iter == 2
+
+
+def test_reweighting_with_equal_priors_is_the_identity():
+    probs = softmax(np.random.default_rng(3).normal(size=(50, 3)))
+    np.testing.assert_allclose(reweight_to_priors(probs, TRAIN_PRIORS, TRAIN_PRIORS), probs, rtol=1e-12)
+
+
+def test_reweighting_follows_bayes_rule():
+    probs = np.array([[0.5, 0.3, 0.2]])
+    adjusted = reweight_to_priors(probs, np.array([0.25, 0.25, 0.5]), np.array([0.5, 0.25, 0.25]))
+    expected = np.array([0.5 * 2, 0.3 * 1, 0.2 * 0.5])
+    np.testing.assert_allclose(adjusted[0], expected / expected.sum())
+
+
+def test_bad_priors_and_probs_give_clear_errors():
+    probs = np.full((2, 3), 1 / 3)
+    with pytest.raises(ValueError, match="target_priors must sum to 1"):
+        reweight_to_priors(probs, TRAIN_PRIORS, np.array([0.5, 0.5, 0.5]))
+    with pytest.raises(ValueError, match="train_priors must be positive"):
+        reweight_to_priors(probs, np.array([0.5, 0.5, 0.0]), TRAIN_PRIORS)
+    with pytest.raises(ValueError, match="train_priors must hold 3"):
+        estimate_priors_em(probs, np.array([0.5, 0.5]))
+    with pytest.raises(ValueError, match="not logits"):
+        reweight_to_priors(np.array([[3.0, 1.0, -2.0]]), TRAIN_PRIORS, TRAIN_PRIORS)
+    with pytest.raises(ValueError, match="rows must sum to 1"):
+        estimate_priors_em(np.array([[0.9, 0.9, 0.9]]), TRAIN_PRIORS)
+
+
+def test_class_frequencies():
+    np.testing.assert_allclose(class_frequencies(np.array([0, 0, 1, 2])), [0.5, 0.25, 0.25])
+    with pytest.raises(ValueError, match="in \\[0, 3\\)"):
+        class_frequencies(np.array([0, 3]))
