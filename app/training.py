@@ -104,7 +104,8 @@ def encode_dataset(frame: pd.DataFrame, config: Config) -> ray.data.Dataset:
     return dataset.materialize()
 
 
-def build_trainer(config: Config, train: ray.data.Dataset, valid: ray.data.Dataset, rows_per_worker: int) -> TorchTrainer:
+def build_trainer(config: Config, train: ray.data.Dataset, valid: ray.data.Dataset, rows_per_worker: int,
+                  callbacks: list | None = None) -> TorchTrainer:
     scaling = config.scaling
     resources = {"CPU": scaling.cpus_per_worker} | ({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})
     storage = run_directory(config).rsplit("/", 1)[0]
@@ -122,13 +123,14 @@ def build_trainer(config: Config, train: ray.data.Dataset, valid: ray.data.Datas
                                                          checkpoint_score_attribute="valid_log_loss",
                                                          checkpoint_score_order="min"),
             failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
+            callbacks=callbacks,
         ),
         datasets={"train": train, "valid": valid},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
 
 
-def fit(config: Config) -> FitResult:
+def fit(config: Config, callbacks: list | None = None) -> FitResult:
     """Train one model on the configured rows and return its best checkpoint (by validation log loss).
 
     A run whose name already holds checkpoints continues from the latest one (Ray Train restores its
@@ -150,7 +152,7 @@ def fit(config: Config) -> FitResult:
     print(f"data: {len(train_frame)} training rows, {len(valid_frame)} validation rows "
           f"(fold {config.data.valid_fold} of {config.data.n_folds}, grouped by prompt)", flush=True)
     trainer = build_trainer(config, encode_dataset(train_frame, config), encode_dataset(valid_frame, config),
-                            rows_per_worker)
+                            rows_per_worker, callbacks)
     result = trainer.fit()
     checkpoint, metrics = min(result.best_checkpoints, key=lambda pair: pair[1]["valid_log_loss"])
     history = result.return_value or []
