@@ -28,7 +28,8 @@ test: setup
 	RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.2 $(PY) -m pytest -q
 
 # A real `ray job submit` round trip: start a local head, train, predict, stop that head only
-# (`ray stop` would also stop every other Ray on the machine).
+# (`ray stop` would also stop every other Ray on the machine). Each demo is a fresh run: the previous demo's
+# folder is removed first, since a run name that exists is resumed.
 demo: setup
 	@set -euo pipefail; export PATH="$(CURDIR)/$(VENV)/bin:$$PATH" RAY_AUTH_MODE=token; \
 	temp=$$(mktemp -d /tmp/arena-demo.XXXXXX); \
@@ -37,6 +38,7 @@ demo: setup
 	trap 'pkill -TERM -f -- "$$temp" || true; sleep 3; pkill -KILL -f -- "$$temp" || true; rm -rf "$$temp"' EXIT; \
 	export RAY_ADDRESS=http://127.0.0.1:$(DEMO_DASHBOARD_PORT); \
 	for i in $$(seq 60); do ray job submit --no-wait -- true >/dev/null 2>&1 && break; sleep 2; done; \
+	rm -rf $(DEMO_RUNS)/demo; \
 	ray job submit --working-dir . -- python -m jobs.train --config configs/demo.yaml \
 	    run.storage_path=$(DEMO_RUNS); \
 	checkpoint=$$($(PY) -c "import json; print(json.load(open('$(DEMO_RUNS)/demo/summary.json'))['best_checkpoint'])"); \
