@@ -126,6 +126,8 @@ class TrainConfig(_Section):
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    cpu_bf16: bool = Field(False, description="precision=auto on a CPU with native bf16 (AMX / AVX512-BF16): train "
+                           "under bf16 autocast (DDP only; ~1.4x faster MiniLM steps on the benchmark CPU)")
     swap_prob: float = Field(0.5, ge=0, le=1, description="probability of training a row with A and B swapped")
     length_group_batches: int = Field(50, ge=1, description="batches per length-sorted buffer (1 = no grouping)")
     eval_batch_size: int = Field(64, ge=1)

@@ -51,10 +51,11 @@ def default_device(config: Config) -> torch.device:
     return torch.device("cuda" if config.scaling.use_gpu else "cpu")
 
 
-def resolve_training_precision(choice: str, device: torch.device) -> Precision:
+def resolve_training_precision(choice: str, device: torch.device, bf16_on_cpu: bool = False) -> Precision:
     """`train.precision` resolved for training on `device` (the same rule as app.modeling.autocast_dtype).
 
-    'auto' = bf16 on CUDA GPUs that have it, fp16 on older GPUs, fp32 on the CPU.
+    'auto' = bf16 on CUDA GPUs that have it, fp16 on older GPUs; on the CPU fp32, or bf16 with
+    `bf16_on_cpu` where the CPU has native bf16 (train.cpu_bf16; DeepSpeed on the CPU always stays fp32).
 
     Raises:
         ValueError: 'auto' for a CUDA device in a process that sees no GPU (resolve it on the worker, or
@@ -67,7 +68,7 @@ def resolve_training_precision(choice: str, device: torch.device) -> Precision:
                          "build the DeepSpeed config on the worker, or set train.precision=bf16 / fp16 / fp32")
     from app.modeling import autocast_dtype  # imported late: app.modeling pulls in transformers
 
-    dtype = autocast_dtype(choice, device, for_training=True)
+    dtype = autocast_dtype(choice, device, bf16_on_cpu=bf16_on_cpu)
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 

@@ -69,6 +69,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: Config, total_step
     return get_cosine_schedule_with_warmup(optimizer, round(config.train.warmup_ratio * total_steps), total_steps)
 
 
+def training_autocast_dtype(config: Config, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a DDP training step: train.precision, with train.cpu_bf16 deciding 'auto' on a CPU."""
+    return autocast_dtype(config.train.precision, device, bf16_on_cpu=config.train.cpu_bf16)
+
+
 class TorchStepper:
     """DistributedDataParallel (via Ray Train's prepare_model), AdamW, cosine schedule, autocast + GradScaler."""
 
@@ -77,7 +82,7 @@ class TorchStepper:
         self.model = ray.train.torch.prepare_model(model)
         self.optimizer = build_optimizer(self.model, config)
         self.scheduler = build_scheduler(self.optimizer, config, total_steps)
-        self.amp_dtype = autocast_dtype(config.train.precision, device, for_training=True)
+        self.amp_dtype = training_autocast_dtype(config, device)
         self.scaler = torch.amp.GradScaler(enabled=self.amp_dtype == torch.float16)
 
     def accumulate(self, boundary: bool) -> contextlib.AbstractContextManager:

@@ -10,12 +10,12 @@ import torch
 from app.batching import token_budget_batches
 from app.formatting import SWAPPED_LABEL, build_pair_encoder
 from app.metrics import softmax
+from app.modeling import autocast, autocast_dtype, forward_batch, load_checkpoint
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-from app.modeling import autocast, autocast_dtype, forward_batch, load_checkpoint
 
 
 class Predictor:

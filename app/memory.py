@@ -83,7 +83,8 @@ def resolve_precision(config: Config, device: torch.device, notes: list[str]) ->
         train = "bf16" if config.train.precision == "auto" else config.train.precision
         weight = "bf16" if config.model.dtype == "auto" else config.model.dtype
     else:
-        train = resolve_training_precision(config.train.precision, device)
+        train = resolve_training_precision(config.train.precision, device,
+                                           bf16_on_cpu=config.train.cpu_bf16 and not config.deepspeed.enabled)
         weight = config.model.dtype
         if weight == "auto":
             weight = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"

@@ -113,16 +113,17 @@ def cpu_has_native_bf16() -> bool:
     return any(probe() for probe in probes if probe is not None)
 
 
-def autocast_dtype(choice: str, device: torch.device, for_training: bool = False) -> torch.dtype | None:
+def autocast_dtype(choice: str, device: torch.device, bf16_on_cpu: bool = True) -> torch.dtype | None:
     """The autocast dtype for a precision setting, or None for fp32.
 
-    'auto' = bf16 on GPUs that have it, else fp16; on the CPU, bf16 for inference where the CPU has native
-    bf16 (probabilities move by ~1e-3, see docs/BENCHMARKS.md) and fp32 for training.
+    'auto' = bf16 on GPUs that have it, else fp16; on the CPU, bf16 where the CPU has native bf16 and
+    `bf16_on_cpu` (inference: probabilities move by ~1e-3, see docs/BENCHMARKS.md; training: only with
+    train.cpu_bf16), else fp32.
     """
     if choice == "auto":
         if device.type == "cuda":
             choice = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        elif not for_training and cpu_has_native_bf16():
+        elif bf16_on_cpu and cpu_has_native_bf16():
             choice = "bf16"
         else:
             choice = "fp32"

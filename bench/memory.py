@@ -128,9 +128,9 @@ def measure_method(overrides: dict[str, Any], device_name: Device, threads: int 
     import torch
 
     from app.config import load_config
-    from app.engine import build_optimizer
+    from app.engine import build_optimizer, training_autocast_dtype
     from app.memory import plan_memory
-    from app.modeling import autocast, autocast_dtype, build_model, build_tokenizer, forward_batch
+    from app.modeling import autocast, build_model, build_tokenizer, forward_batch
     from bench.tracking import measure_training_peak
 
     if threads:
@@ -142,7 +142,7 @@ def measure_method(overrides: dict[str, Any], device_name: Device, threads: int 
     rows = random_rows(config.train.batch_size, config.format.max_length, len(tokenizer), seed)
     segments = [[0] * len(row) for row in rows]  # read only by models with token type embeddings
     labels = torch.randint(0, 3, (len(rows),), generator=torch.Generator().manual_seed(seed)).to(device)
-    amp_dtype = autocast_dtype(config.train.precision, device, for_training=True)
+    amp_dtype = training_autocast_dtype(config, device)
 
     baseline_rss = psutil.Process().memory_info().rss
     peak_was_reset = reset_peak_rss()
@@ -245,12 +245,13 @@ def describe_settings(args: argparse.Namespace, config, threads: int) -> dict[st
     """What was run, on what, with which libraries."""
     import torch
 
+    from app.engine import training_autocast_dtype
     from app.families import model_dtype
-    from app.modeling import autocast_dtype, library_versions
+    from app.modeling import library_versions
 
     device = torch.device(args.device)
     adapter = config.adapter
-    amp = autocast_dtype(config.train.precision, device, for_training=True)
+    amp = training_autocast_dtype(config, device)
     machine = f"{os.cpu_count()} cores, {processor_name()}"
     if args.device == "cuda":
         machine += f", {torch.cuda.get_device_name(device)}"
