@@ -169,6 +169,19 @@ class PredictConfig(_Section):
         "auto", description="auto = bf16 on GPUs and on CPUs with native bf16 (AMX / AVX512-BF16), else fp32")
     num_actors: int = Field(1, ge=1)
     cpus_per_actor: float = Field(1.0, gt=0)
+    priors: Literal["em"] | tuple[float, float, float] | None = Field(
+        None, description="re-weight predictions to these class shares [pA, pB, pTie], or 'em' to estimate "
+        "them on the rows predicted (Saerens et al., 2002); overrides an ensemble spec's priors")
+    train_priors: tuple[float, float, float] | None = Field(
+        None, description="class shares the model was trained on; default: the checkpoint's (arena.json) or spec's")
+
+    @model_validator(mode="after")
+    def _shares(self) -> PredictConfig:
+        for name in ("priors", "train_priors"):
+            value = getattr(self, name)
+            if isinstance(value, tuple) and (min(value) <= 0 or abs(sum(value) - 1) > 1e-6):
+                raise ValueError(f"{name} must be three positive class shares (A, B, tie) summing to 1; got {list(value)}")
+        return self
 
 
 class Config(BaseModel):

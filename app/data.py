@@ -374,3 +374,26 @@ def _write_text(path: str, text: str) -> None:
         os.makedirs(os.path.dirname(resolved) or ".", exist_ok=True)
     with filesystem.open_output_stream(resolved, compression=None) as stream:
         stream.write(text.encode("utf-8"))
+
+
+def split_holdout(uri: str, fraction: float, seed: int, out_dir: str) -> tuple[str, str, int, int]:
+    """Carve a prompt-grouped, labelled holdout out of a Kaggle train file, as two files of the same format.
+
+    Rows are grouped by prompt (`prompt_group_key`) and the groups of one of round(1 / fraction) balanced
+    folds (`assign_folds` with `seed`) form the holdout, so no prompt is on both sides. The rows are written
+    as read (every column, unchanged text) to `<out_dir>/train.csv` and `<out_dir>/holdout.csv`; every row
+    must be valid, since a silently dropped row would shift both files.
+
+    Returns (train path, holdout path, train rows, holdout rows).
+    Raises: ValueError for a fraction outside (0, 0.5]; DataValidationError for a bad row.
+    """
+    if not 0 < fraction <= 0.5:
+        raise ValueError(f"holdout fraction must be in (0, 0.5], got {fraction}")
+    raw = read_table(uri)
+    table = load_pairs(uri, require_labels=True)  # validates every row; raises naming the first bad one
+    folds = assign_folds([prompt_group_key(turns) for turns in table.frame["prompt"]], round(1 / fraction), seed)
+    holdout = raw["id"].isin(set(table.frame["id"][folds == 0]))
+    paths = (os.path.join(out_dir, "train.csv"), os.path.join(out_dir, "holdout.csv"))
+    for path, part in zip(paths, (raw[~holdout], raw[holdout])):
+        _write_text(path, part.to_csv(index=False, lineterminator="\n"))
+    return paths[0], paths[1], int((~holdout).sum()), int(holdout.sum())

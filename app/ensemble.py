@@ -22,7 +22,7 @@ from scipy.special import logsumexp
 
 from app.calibration import check_logits_and_labels, fit_temperature
 from app.metrics import log_loss, softmax
-from app.priors import check_priors, class_frequencies, estimate_priors_em, reweight_to_priors
+from app.priors import check_priors, class_frequencies, shift_priors
 
 CombineMode = Literal["prob", "logit"]
 N_CLASSES = 3
@@ -288,9 +288,7 @@ def apply_spec_to_member_logits(
     if spec.priors is None:
         return probs
     assert spec.train_priors is not None  # the spec's validator guarantees it
-    if spec.priors == "em":
-        return estimate_priors_em(probs, np.array(spec.train_priors))[1]
-    return reweight_to_priors(probs, np.array(spec.train_priors), np.array(spec.priors))
+    return shift_priors(probs, spec.train_priors, spec.priors)
 
 
 def fit_ensemble(

@@ -92,6 +92,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, float]]
     """Train (or resume), evaluating and reporting every epoch; returns rank 0's per-epoch metrics."""
     config = validate_config(loop_config["config"], "worker config")
     rows_per_worker: int = loop_config["rows_per_worker"]
+    checkpoint_meta: dict[str, Any] = loop_config.get("checkpoint_meta") or {}
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     if config.deepspeed.enabled:
@@ -119,14 +120,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, float]]
                     print(f"resumed at epoch {progress.epoch} step {progress.step} "
                           f"(micro-batch {progress.micro} of the epoch)", flush=True)
             run_epochs(config, stepper, tokenizer.pad_token_id, progress, micro_per_epoch, total_steps, device,
-                       rank, world, tokenizer)
+                       rank, world, tokenizer, checkpoint_meta)
         finally:
             stepper.close()
     return progress.history
 
 
 def run_epochs(config: Config, stepper: Stepper, pad_id: int, progress: Progress, micro_per_epoch: int,
-               total_steps: int, device: torch.device, rank: int, world: int, tokenizer) -> None:
+               total_steps: int, device: torch.device, rank: int, world: int, tokenizer,
+               checkpoint_meta: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     valid_data = ray.train.get_dataset_shard("valid")
     model = stepper.model
@@ -188,7 +190,7 @@ def run_epochs(config: Config, stepper: Stepper, pad_id: int, progress: Progress
         metrics.update({f"valid_{name}": value for name, value in valid_metrics.items()})
         progress.history.append(metrics)
         progress.micro = micro_per_epoch  # the epoch is done: a resume starts the next one
-        report(metrics, stepper, tokenizer, config, progress, rank, export=True)
+        report(metrics, stepper, tokenizer, config, progress, rank, export=True, meta=checkpoint_meta)
         progress.micro = 0
         progress.epoch = epoch + 1
 
@@ -261,7 +263,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def report(metrics: dict[str, float], stepper: Stepper, tokenizer, config: Config, progress: Progress, rank: int,
-           export: bool) -> None:
+           export: bool, meta: dict[str, Any] | None = None) -> None:
     """Every rank reports a checkpoint holding its progress and stepper state; Ray Train merges them into one
     folder. At the end of an epoch (`export`) rank 0 adds the inference export (weights, tokenizer, arena.json)."""
     name = f"epoch_{progress.epoch:03d}" + ("" if export else f"_step_{progress.step:06d}")
@@ -269,7 +271,7 @@ def report(metrics: dict[str, float], stepper: Stepper, tokenizer, config: Confi
     with tempfile.TemporaryDirectory() as directory:
         if export and rank == 0:
             save_checkpoint(directory, unwrap(stepper.model), tokenizer, config, metrics, progress.epoch,
-                            state_dict=state_dict)
+                            state_dict=state_dict, meta=meta)
         stepper.save_state(directory, rank)
         torch.save({"progress": asdict(progress), "torch_rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},

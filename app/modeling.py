@@ -173,8 +173,11 @@ def save_checkpoint(
     metrics: dict[str, float],
     epoch: int,
     state_dict: dict[str, torch.Tensor] | None = None,
+    meta: dict[str, Any] | None = None,
 ) -> None:
     """Write the weights (full) or the adapter and head (lora, qlora), the tokenizer and arena.json.
+
+    `meta` adds entries to arena.json (training writes `train_priors`, the class shares of its rows).
 
     `model` is what `build_model` returned, possibly inside DDP or a DeepSpeed engine (`.module`).
     `state_dict` replaces the model's own tensors, e.g. parameters that ZeRO-3 gathered from all ranks;
@@ -190,7 +193,7 @@ def save_checkpoint(
     else:
         save_adapter(network, directory, state_dict)
     tokenizer.save_pretrained(directory)
-    _write_meta(directory, config, {"epoch": epoch, "metrics": metrics})
+    _write_meta(directory, config, {"epoch": epoch, "metrics": metrics, **(meta or {})})
 
 
 def _network_state_dict(

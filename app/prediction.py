@@ -17,6 +17,8 @@ from app.data import load_pairs, write_submission
 from app.ensemble import EnsembleSpec, apply_spec_to_member_logits, load_spec
 from app.inference import Predictor
 from app.metrics import score
+from app.modeling import read_checkpoint_meta
+from app.priors import shift_priors
 
 ROWS_PER_TASK = 512  # rows handed to an actor at once; each actor sorts them by length
 
@@ -82,6 +84,29 @@ def predict_with_spec(spec: EnsembleSpec, frame: pd.DataFrame, config: PredictCo
     return apply_spec_to_member_logits(spec, member_logits)
 
 
+def with_predict_priors(spec: EnsembleSpec, config: PredictConfig) -> EnsembleSpec:
+    """The spec with `predict.priors` (and `predict.train_priors`) in place of its own, when they are set."""
+    if config.priors is None:
+        return spec
+    train_priors = config.train_priors or spec.train_priors
+    if train_priors is None:
+        raise ValueError("predict.priors needs the class shares the members were trained on: the spec has no "
+                         "train_priors; set predict.train_priors=[pA,pB,pTie]")
+    return spec.model_copy(update={"priors": config.priors, "train_priors": tuple(train_priors)})
+
+
+def shift_checkpoint_priors(probs: np.ndarray, checkpoint_dir: str, config: PredictConfig) -> np.ndarray:
+    """`predict.priors` applied to one checkpoint's probabilities, from the class shares it was trained on
+    (`predict.train_priors`, else its arena.json's `train_priors`)."""
+    if config.priors is None:
+        return probs
+    train_priors = config.train_priors or read_checkpoint_meta(checkpoint_dir)[0].get("train_priors")
+    if train_priors is None:
+        raise ValueError(f"predict.priors needs the class shares {checkpoint_dir} was trained on, and its arena.json "
+                         "has none (it predates them); set predict.train_priors=[pA,pB,pTie]")
+    return shift_priors(probs, train_priors, config.priors)
+
+
 def is_spec_path(path: str) -> bool:
     """An ensemble spec is a .json file; a checkpoint is a folder."""
     return path.endswith(".json")
@@ -98,9 +123,9 @@ def predict_file(checkpoint: str, input_uri: str, output_uri: str, config: Predi
     if table.n_rejected:
         print(f"predict: {table.n_rejected} bad rows are NOT in the submission; see {table.rejects_path}", flush=True)
     if is_spec_path(checkpoint):
-        probs = predict_with_spec(load_spec(checkpoint), table.frame, config)
+        probs = predict_with_spec(with_predict_priors(load_spec(checkpoint), config), table.frame, config)
     else:
-        probs = score_rows(checkpoint, table.frame, config)
+        probs = shift_checkpoint_priors(score_rows(checkpoint, table.frame, config), local_checkpoint(checkpoint), config)
     write_submission(list(table.frame["id"]), probs, output_uri)
     metrics = score(probs, table.frame["label"].to_numpy()) if table.has_labels else {}
     return PredictionReport(output_uri, len(table.frame), time.perf_counter() - started, metrics, table.n_rejected)

@@ -96,3 +96,14 @@ def estimate_priors_em(
         raise ValueError(f"EM drove a class prior to zero ({priors.tolist()}); the rows carry no sign of that "
                          "class, use fixed priors instead")
     return priors, reweight_to_priors(probs, train, priors), n_iter
+
+
+def shift_priors(probs: np.ndarray, train_priors: np.ndarray | list[float] | tuple[float, ...],
+                 priors: str | list[float] | tuple[float, ...]) -> np.ndarray:
+    """Posteriors (N, C) moved from the training class shares to `priors`: given shares, or "em" to estimate
+    them on these rows (`estimate_priors_em`: pass a whole test set)."""
+    if isinstance(priors, str):
+        if priors != "em":
+            raise ValueError(f'priors must be "em" or class shares; got {priors!r}')
+        return estimate_priors_em(probs, np.asarray(train_priors))[1]
+    return reweight_to_priors(probs, np.asarray(train_priors), np.asarray(priors))

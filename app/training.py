@@ -19,6 +19,7 @@ from app.data import assign_folds, load_pairs, prompt_group_key
 from app.formatting import build_pair_encoder
 from app.loop import train_loop_per_worker
 from app.modeling import build_tokenizer
+from app.priors import class_frequencies
 from app.synthetic import write_builtin_dataset
 
 ENCODE_BATCH_ROWS = 256
@@ -105,13 +106,16 @@ def encode_dataset(frame: pd.DataFrame, config: Config) -> ray.data.Dataset:
 
 
 def build_trainer(config: Config, train: ray.data.Dataset, valid: ray.data.Dataset, rows_per_worker: int,
-                  callbacks: list | None = None) -> TorchTrainer:
+                  callbacks: list | None = None, train_priors: list[float] | None = None) -> TorchTrainer:
+    """The TorchTrainer of one run; `train_priors` (class shares of the training rows) go into every
+    checkpoint's arena.json, where predict's class-prior shift reads them."""
     scaling = config.scaling
     resources = {"CPU": scaling.cpus_per_worker} | ({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})
     storage = run_directory(config).rsplit("/", 1)[0]
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config_to_dict(config), "rows_per_worker": rows_per_worker},
+        train_loop_config={"config": config_to_dict(config), "rows_per_worker": rows_per_worker,
+                           "checkpoint_meta": {"train_priors": train_priors}},
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                                resources_per_worker=resources,
@@ -152,7 +156,7 @@ def fit(config: Config, callbacks: list | None = None) -> FitResult:
     print(f"data: {len(train_frame)} training rows, {len(valid_frame)} validation rows "
           f"(fold {config.data.valid_fold} of {config.data.n_folds}, grouped by prompt)", flush=True)
     trainer = build_trainer(config, encode_dataset(train_frame, config), encode_dataset(valid_frame, config),
-                            rows_per_worker, callbacks)
+                            rows_per_worker, callbacks, class_frequencies(train_frame["label"].to_numpy()).tolist())
     result = trainer.fit()
     checkpoint, metrics = min(result.best_checkpoints, key=lambda pair: pair[1]["valid_log_loss"])
     history = result.return_value or []

@@ -331,3 +331,22 @@ def test_write_submission_validates(tmp_path: Path, ids: list[str], probs: np.nd
     with pytest.raises(ValueError, match=match):
         write_submission(ids, probs, str(tmp_path / "submission.csv"))
     assert not (tmp_path / "submission.csv").exists()
+
+
+def test_split_holdout_keeps_prompts_on_one_side_and_every_row_unchanged(tmp_path):
+    from app.data import split_holdout
+    from app.synthetic import generate_pairs
+
+    source = tmp_path / "train.csv"
+    raw = generate_pairs(300, seed=11)
+    raw.to_csv(source, index=False)
+    train_path, holdout_path, n_train, n_holdout = split_holdout(str(source), 0.2, seed=3, out_dir=str(tmp_path / "split"))
+    assert n_train + n_holdout == 300 and 0.1 < n_holdout / 300 < 0.3
+    train, holdout = load_pairs(train_path).frame, load_pairs(holdout_path).frame
+    assert set(train["id"]).isdisjoint(holdout["id"]) and len(train) == n_train and len(holdout) == n_holdout
+    assert {prompt_group_key(p) for p in train["prompt"]}.isdisjoint(prompt_group_key(p) for p in holdout["prompt"])
+    pd.testing.assert_frame_equal(  # the same cells, as read
+        pd.concat([read_table(train_path), read_table(holdout_path)]).set_index("id").sort_index(),
+        read_table(str(source)).set_index("id").sort_index())
+    with pytest.raises(ValueError, match="fraction"):
+        split_holdout(str(source), 0.7, seed=3, out_dir=str(tmp_path / "bad"))

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from app.metrics import log_loss, softmax
-from app.priors import class_frequencies, estimate_priors_em, reweight_to_priors
+from app.priors import class_frequencies, estimate_priors_em, reweight_to_priors, shift_priors
 
 TRAIN_PRIORS = np.array([0.35, 0.35, 0.30])
 TEST_PRIORS = np.array([0.49, 0.48, 0.03])
@@ -70,3 +70,27 @@ def test_class_frequencies():
     np.testing.assert_allclose(class_frequencies(np.array([0, 0, 1, 2])), [0.5, 0.25, 0.25])
     with pytest.raises(ValueError, match="in \\[0, 3\\)"):
         class_frequencies(np.array([0, 3]))
+
+
+def test_shift_priors_reweights_to_given_shares_or_estimates_them():
+    probs, _ = calibrated_posteriors(np.array([0.4, 0.4, 0.2]), 500, seed=5)
+    train = np.array([0.45, 0.45, 0.1])
+    np.testing.assert_allclose(shift_priors(probs, train, (0.3, 0.3, 0.4)),
+                               reweight_to_priors(probs, train, np.array([0.3, 0.3, 0.4])))
+    np.testing.assert_allclose(shift_priors(probs, train, "em"), estimate_priors_em(probs, train)[1])
+    with pytest.raises(ValueError, match="em"):
+        shift_priors(probs, train, "uniform")
+
+
+def test_predict_priors_need_the_training_shares_and_name_the_setting(tmp_path):
+    from app.config import PredictConfig
+    from app.ensemble import EnsembleMember, EnsembleReport, EnsembleSpec
+    from app.prediction import with_predict_priors
+
+    spec = EnsembleSpec(members=(EnsembleMember(name="m", checkpoint="c", weight=1.0, temperature=1.0),), mode="prob",
+                        report=EnsembleReport(n_rows=10, member_log_loss={"m": 1.0}, ensemble_log_loss=1.0))
+    assert with_predict_priors(spec, PredictConfig()) is spec
+    with pytest.raises(ValueError, match="predict.train_priors"):
+        with_predict_priors(spec, PredictConfig(priors="em"))
+    shifted = with_predict_priors(spec, PredictConfig(priors="em", train_priors=(0.5, 0.4, 0.1)))
+    assert shifted.priors == "em" and shifted.train_priors == (0.5, 0.4, 0.1)

@@ -1,5 +1,6 @@
 """Integration: 2 real Ray Train workers finetune the packaged MiniLM; the checkpoint reloads exactly."""
 
+import json
 import os
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from app.config import load_config
 from app.inference import Predictor
 from app.metrics import log_loss
 from app.prediction import predict_file
+from app.priors import reweight_to_priors
 from app.training import fit, load_training_rows, split_train_valid
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
@@ -88,3 +90,19 @@ def test_predict_file_scores_labelled_input_with_tta(tiny_run, tmp_path):
     report = predict_file(result.best_checkpoint, str(holdout), str(tmp_path / "s.csv"),
                           config.predict.model_copy(update={"tta_swap": True}))
     assert set(report.metrics) == {"log_loss", "accuracy"} and report.rows == len(pd.read_csv(holdout))
+
+
+def test_the_checkpoint_records_its_class_shares_and_predict_shifts_them(tiny_run, tmp_path):
+    config, result = tiny_run
+    meta = json.loads((Path(result.best_checkpoint) / "arena.json").read_text())
+    frame, _ = load_training_rows(config, result.run_dir)
+    train, _ = split_train_valid(frame, config)
+    np.testing.assert_allclose(meta["train_priors"], np.bincount(train["label"], minlength=3) / len(train))
+    test = str(Path(result.run_dir) / "builtin_data" / "test.csv")
+    predict_file(result.best_checkpoint, test, str(tmp_path / "plain.csv"), config.predict)
+    shifted = config.predict.model_copy(update={"priors": (0.2, 0.2, 0.6)})
+    predict_file(result.best_checkpoint, test, str(tmp_path / "tie.csv"), shifted)
+    plain, tie = (pd.read_csv(tmp_path / name).iloc[:, 1:].to_numpy() for name in ("plain.csv", "tie.csv"))
+    np.testing.assert_allclose(tie, reweight_to_priors(plain, np.array(meta["train_priors"]), np.array([0.2, 0.2, 0.6])),
+                               atol=1e-6)
+    assert tie[:, 2].mean() > plain[:, 2].mean()
