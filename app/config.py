@@ -60,11 +60,13 @@ class ModelConfig(_Section):
                    logits of the three `label_words` tokens (cross-entropy over those three).
       t5           an encoder-decoder (T5, FLAN-T5): each label word's sequence log-probability from the
                    decoder, constrained to the label set.
+      tfidf_xgb    no network: TF-IDF and counted features of the texts, a 3-class XGBoost model on them
+                   (settings in the `classical` section; app/features.py, app/classical.py).
     name_or_path: a local folder, a hub id, the packaged MiniLM, or `random:<spec>` (a random-weight model
     built offline from a named config, see app/tiny.py; for tests and benchmarks).
     """
 
-    kind: Literal["encoder", "decoder", "decoder_lm", "t5"] = "encoder"
+    kind: Literal["encoder", "decoder", "decoder_lm", "t5", "tfidf_xgb"] = "encoder"
     name_or_path: str = Field(PACKAGED_MINILM, description="local folder, hub id, packaged MiniLM or random:<spec>")
     classifier_dropout: float | None = Field(None, ge=0.0, lt=1.0)
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
@@ -110,6 +112,42 @@ class DeepSpeedConfig(_Section):
     def _offload_params_needs_stage3(self) -> DeepSpeedConfig:
         if self.offload_params and self.stage != 3:
             raise ValueError(f"deepspeed.offload_params needs deepspeed.stage=3, got stage {self.stage}")
+        return self
+
+
+class ClassicalConfig(_Section):
+    """model.kind=tfidf_xgb: TF-IDF features of the prompt and both responses (app/features.py) and the XGBoost
+    booster trained on them by Ray Train (app/classical.py). Other model kinds ignore this section."""
+
+    word_ngrams: tuple[int, int] = Field((1, 2), description="word n-gram lengths (min, max)")
+    char_ngrams: tuple[int, int] = Field((3, 5), description="character n-gram lengths inside word boundaries (min, max)")
+    word_max_features: int = Field(3_000, ge=1, description="response word n-grams kept (the most frequent)")
+    char_max_features: int = Field(3_000, ge=1, description="response character n-grams kept (the most frequent)")
+    prompt_max_features: int = Field(500, ge=1, description="prompt word n-grams kept, and prompt character n-grams")
+    min_df: int = Field(2, ge=1, description="an n-gram is kept only if at least this many training texts hold it")
+    sublinear_tf: bool = Field(True, description="1 + log(count) in place of raw n-gram counts")
+    num_boost_round: int = Field(1000, ge=1, description="boosting rounds at most")
+    early_stopping_rounds: int | None = Field(
+        50, ge=1, description="stop when the validation log loss has not improved for this many rounds; the "
+                              "checkpoint keeps the best round (None = all rounds)")
+    learning_rate: float = Field(0.1, gt=0, le=1, description="xgboost eta: shrinkage of each tree")
+    max_depth: int = Field(6, ge=1, le=16)
+    min_child_weight: float = Field(1.0, ge=0, description="least hessian weight in a leaf")
+    subsample: float = Field(0.8, gt=0, le=1, description="share of training rows each tree sees")
+    colsample_bytree: float = Field(0.3, gt=0, le=1, description="share of feature columns each tree sees")
+    max_bin: int = Field(
+        16, ge=2, description="histogram bins per feature: time, memory and the histograms workers exchange grow with it")
+    nthread: int | None = Field(None, ge=1, description="xgboost threads per worker; None = scaling.cpus_per_worker")
+    report_every_rounds: int = Field(
+        25, ge=1, description="report metrics to Ray Train (and Tune) every this many rounds: a report waits for "
+                              "the Train controller's poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default)")
+
+    @model_validator(mode="after")
+    def _ngram_ranges(self) -> ClassicalConfig:
+        for name in ("word_ngrams", "char_ngrams"):
+            low, high = getattr(self, name)
+            if not 1 <= low <= high:
+                raise ValueError(f"classical.{name} must be [min, max] with 1 <= min <= max; got {[low, high]}")
         return self
 
 
@@ -199,6 +237,21 @@ class Config(BaseModel):
     scaling: ScalingConfig = ScalingConfig()
     run: RunConfig = RunConfig()
     predict: PredictConfig = PredictConfig()
+    classical: ClassicalConfig = ClassicalConfig()
+
+    @model_validator(mode="after")
+    def _tfidf_xgb_has_no_network(self) -> Config:
+        if self.model.kind != "tfidf_xgb":
+            return self
+        conflicts = [message for wrong, message in (
+            (self.adapter.method != "full", f"adapter.method={self.adapter.method} (set full)"),
+            (self.deepspeed.enabled, "deepspeed.enabled=true (set false)"),
+            (self.scaling.use_gpu, "scaling.use_gpu=true (xgboost-cpu trains on CPUs: set false)"),
+        ) if wrong]
+        if conflicts:
+            raise ValueError("model.kind=tfidf_xgb trains a TF-IDF + XGBoost model, not a network, so it cannot "
+                             "take " + "; ".join(conflicts))
+        return self
 
 
 class ConfigError(ValueError):
@@ -265,7 +318,8 @@ def validate_config(raw: Mapping[str, Any], source: str = "config") -> Config:
                 hint = difflib.get_close_matches(key, _known_keys(Config), n=1)
                 lines.append(f"  {key}: unknown key" + (f"; did you mean '{hint[0]}'?" if hint else ""))
             else:
-                lines.append(f"  {key}: {error['msg']} (got {error.get('input')!r})")
+                got = f" (got {error.get('input')!r})" if error["loc"] else ""  # top level: the input is the whole tree
+                lines.append(f"  {key}: {error['msg']}{got}")
         raise ConfigError(f"invalid {source}:\n" + "\n".join(lines)) from None
 
 

@@ -27,7 +27,7 @@ import pandas as pd
 from app.calibration import expected_calibration_error, fit_calibration, reliability_diagram
 from app.config import Config, apply_overrides, config_to_dict, validate_config
 from app.data import load_pairs
-from app.ensemble import EnsembleMember, EnsembleSpec, combine, fit_ensemble, save_spec
+from app.ensemble import EnsembleMember, EnsembleSpec, apply_spec_to_member_logits, combine, fit_ensemble, save_spec
 from app.metrics import score, softmax
 from app.modeling import library_versions
 from app.prediction import score_rows
@@ -170,3 +170,42 @@ def build_ensemble(directories: list[str], out_dir: str, mode: Literal["prob", "
     save_spec(spec, os.path.join(out_dir, "ensemble.json"))
     table.to_csv(os.path.join(out_dir, "calibration.csv"), index=False)
     return spec, table
+
+
+def fold_test_logits(member: Member, ids: pd.Series) -> dict[int, np.ndarray]:
+    """Each fold model's (N, 3) test logits in the order of `ids`; raises if the member did not score them."""
+    if member.test is None:
+        raise ValueError(f"member {member.name} has no test.parquet: run jobs/cv.py with --test <that file>")
+    logits = {}
+    for fold, rows in member.test.groupby("fold"):
+        indexed = rows.set_index("id")
+        missing = ~ids.isin(indexed.index)
+        if missing.any():
+            raise ValueError(f"member {member.name}, fold {fold}: no test logits for id {ids[missing].iloc[0]!r} "
+                             f"({int(missing.sum())} ids missing); it scored another test file")
+        logits[int(fold)] = indexed.loc[ids, list(LOGIT_COLUMNS)].to_numpy(dtype=np.float64)
+    return logits
+
+
+def score_spec_on_holdout(spec: EnsembleSpec, members: list[Member], holdout: pd.DataFrame) -> pd.DataFrame:
+    """Log loss and accuracy on a labelled holdout that every member's fold models scored (jobs/cv.py --test):
+    each member as its fold models' mean probabilities, before and after its temperature, and the ensemble
+    through `apply_spec_to_member_logits`, the function predict uses, without scoring the rows again; and the
+    constant prediction of the training class shares."""
+    labels = holdout["label"].to_numpy()
+    temperatures = {m.name.split("/")[0]: m.temperature for m in spec.members}
+    member_logits, rows = {}, []
+    if spec.train_priors is not None:  # the baseline every model must beat
+        rows.append({"predictor": "class shares of the training rows",
+                     **score(np.tile(spec.train_priors, (len(labels), 1)), labels)})
+    for member in members:
+        folds = fold_test_logits(member, holdout["id"])
+        member_logits.update({f"{member.name}/fold{fold}": logits for fold, logits in folds.items()})
+        weights = [1 / len(folds)] * len(folds)
+        for label, temperature in (("", 1.0), (" (temperature)", temperatures[member.name])):
+            probs = combine(list(folds.values()), weights, "prob", [temperature] * len(folds))
+            rows.append({"predictor": f"{member.name}{label}, mean of {len(folds)} fold models",
+                         **score(probs, labels)})
+    rows.append({"predictor": f"ensemble spec ({spec.mode} averaging{', priors ' + str(spec.priors) if spec.priors else ''})",
+                 **score(apply_spec_to_member_logits(spec, member_logits), labels)})
+    return pd.DataFrame(rows).rename(columns={"log_loss": "holdout_log_loss", "accuracy": "holdout_accuracy"})

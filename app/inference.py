@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -10,7 +11,10 @@ import torch
 from app.batching import token_budget_batches
 from app.formatting import SWAPPED_LABEL, build_pair_encoder
 from app.metrics import softmax
-from app.modeling import autocast, autocast_dtype, forward_batch, load_checkpoint
+from app.modeling import autocast, autocast_dtype, forward_batch, load_checkpoint, read_checkpoint_meta
+
+if TYPE_CHECKING:
+    from app.classical import ClassicalPredictor
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -69,3 +73,15 @@ class Predictor:
             swapped = self.encoder.encode_with_segments(prompts, responses_a, responses_b, swap=True)
             probs = (probs + softmax(self.logits_of(*swapped))[:, list(SWAPPED_LABEL)]) / 2
         return probs
+
+
+def load_predictor(checkpoint_dir: str, tokens_per_batch: int = 8192, device: str | None = None,
+                   num_threads: int | None = None, precision: str = "auto") -> Predictor | ClassicalPredictor:
+    """The predictor of a checkpoint's model kind: `Predictor`, or for tfidf_xgb `app.classical.ClassicalPredictor`
+    (which has no tokens, device or precision). Both answer predict_logits / predict alike."""
+    meta, config = read_checkpoint_meta(checkpoint_dir)
+    if config.model.kind == "tfidf_xgb":
+        from app.classical import ClassicalPredictor  # xgboost is loaded only where a checkpoint needs it
+
+        return ClassicalPredictor(checkpoint_dir, config, meta, num_threads)
+    return Predictor(checkpoint_dir, tokens_per_batch, device, num_threads, precision)

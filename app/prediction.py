@@ -15,7 +15,7 @@ import ray.train
 from app.config import PredictConfig
 from app.data import load_pairs, write_submission
 from app.ensemble import EnsembleSpec, apply_spec_to_member_logits, load_spec
-from app.inference import Predictor
+from app.inference import load_predictor
 from app.metrics import score
 from app.modeling import read_checkpoint_meta
 from app.priors import shift_priors
@@ -49,8 +49,8 @@ class PredictBatch:
     def __init__(self, checkpoint_dir: str, config: dict, output: Literal["probs", "logits"] = "probs") -> None:
         predict = PredictConfig.model_validate(config)
         self.tta_swap, self.output = predict.tta_swap, output
-        self.predictor = Predictor(checkpoint_dir, predict.tokens_per_batch, num_threads=max(1, int(predict.cpus_per_actor)),
-                                   precision=predict.precision)
+        self.predictor = load_predictor(checkpoint_dir, predict.tokens_per_batch, num_threads=max(1, int(predict.cpus_per_actor)),
+                                        precision=predict.precision)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         texts = [list(map(list, batch[column])) for column in ("prompt", "response_a", "response_b")]

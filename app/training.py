@@ -14,6 +14,7 @@ import ray.data
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from app.classical import fit_classical
 from app.config import Config, ConfigError, config_to_dict
 from app.data import assign_folds, load_pairs, prompt_group_key
 from app.formatting import build_pair_encoder
@@ -140,6 +141,8 @@ def fit(config: Config, callbacks: list | None = None) -> FitResult:
     A run whose name already holds checkpoints continues from the latest one (Ray Train restores its
     checkpoint manager from the run folder; app/loop.py restores the rest), unless run.resume is false.
     """
+    if config.model.kind == "tfidf_xgb":  # TF-IDF + XGBoost on Ray Train's XGBoostTrainer (app/classical.py)
+        return fit_classical(config, callbacks)
     run_dir = run_directory(config)
     snapshot = os.path.join(run_dir, CHECKPOINT_MANAGER_SNAPSHOT)
     if "://" not in run_dir and os.path.exists(snapshot):

@@ -12,7 +12,8 @@ import argparse
 
 import yaml
 
-from app.crossval import build_ensemble
+from app.crossval import build_ensemble, load_members, score_spec_on_holdout
+from app.data import load_pairs
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -21,11 +22,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="folder for ensemble.json, calibration.csv and plots")
     parser.add_argument("--mode", choices=["prob", "logit"], default="prob", help="probability or logit averaging")
     parser.add_argument("--priors", help="target class priors: 'em' (estimated on each test file) or 'pA,pB,pTie'")
+    parser.add_argument("--holdout", help="labelled file the members scored (jobs/cv.py --test): report log loss on it")
     args = parser.parse_args(argv)
     priors = args.priors if args.priors in (None, "em") else [float(p) for p in yaml.safe_load(f"[{args.priors}]")]
     spec, table = build_ensemble(args.members, args.out, args.mode, priors)
     print(table.to_string(index=False, float_format=lambda value: f"{value:.4f}"))
     print(f"ensemble spec: {args.out}/ensemble.json ({len(spec.members)} fold models)", flush=True)
+    if args.holdout:
+        members, _ = load_members(args.members)
+        holdout = score_spec_on_holdout(spec, members, load_pairs(args.holdout, require_labels=True).frame)
+        holdout.to_csv(f"{args.out}/holdout.csv", index=False)
+        print(holdout.to_string(index=False, float_format=lambda value: f"{value:.4f}"), flush=True)
 
 
 if __name__ == "__main__":

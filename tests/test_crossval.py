@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 
 from app.config import load_config
-from app.crossval import LOGIT_COLUMNS, build_ensemble, load_member, run_cv
+from app.crossval import LOGIT_COLUMNS, build_ensemble, load_member, run_cv, score_spec_on_holdout
 from app.data import load_pairs
-from app.ensemble import apply_spec_to_member_logits, load_spec
+from app.ensemble import EnsembleMember, EnsembleReport, EnsembleSpec, apply_spec_to_member_logits, load_spec, save_spec
 from app.inference import Predictor
 from app.prediction import predict_file
 from app.training import load_training_rows, run_directory
@@ -24,9 +24,9 @@ def member(ray_session, tmp_path_factory):
     config = load_config(TINY, {"run.storage_path": str(storage), "run.name": "minilm", "data.n_folds": 2,
                                 "train.epochs": 1, "train.max_steps": 6, "predict.precision": "fp32",
                                 "run.keep_checkpoints": 1})
-    test_path = storage / "test.csv"
+    test_path = storage / "holdout.csv"  # a labelled test file
     frame, _ = load_training_rows(config, run_directory(config))  # writes the built-in data
-    shutil.copy(Path(run_directory(config)) / "builtin_data" / "test.csv", test_path)
+    shutil.copy(Path(run_directory(config)) / "builtin_data" / "holdout.csv", test_path)
     return config, run_cv(config, test_path=str(test_path)), test_path, frame
 
 
@@ -82,3 +82,21 @@ def test_ensemble_favours_the_better_member_and_predict_uses_its_spec(member, tm
     member_logits = {m.name: Predictor(m.checkpoint, precision="fp32").predict_logits(*texts) for m in spec.members}
     expected = apply_spec_to_member_logits(spec, member_logits)
     np.testing.assert_allclose(submission.iloc[:, 1:].to_numpy(), expected, atol=1e-5)
+
+
+def test_holdout_scores_from_saved_test_logits_match_predict(member, tmp_path):
+    """jobs/ensemble.py --holdout scores a spec from the members' saved test logits: predict agrees."""
+    config, trained, test_path, _ = member
+    folds = [EnsembleMember(name=f"minilm/fold{k}", checkpoint=checkpoint, weight=0.5, temperature=1.3)
+             for k, checkpoint in enumerate(trained.checkpoints())]
+    spec = EnsembleSpec(members=tuple(folds), mode="prob", priors=(0.3, 0.3, 0.4), train_priors=(0.4, 0.4, 0.2),
+                        report=EnsembleReport(n_rows=1, member_log_loss={m.name: 1.0 for m in folds},
+                                              ensemble_log_loss=1.0))
+    holdout = load_pairs(str(test_path)).frame
+    table = score_spec_on_holdout(spec, [trained], holdout).set_index("predictor")
+    save_spec(spec, tmp_path / "ensemble.json")
+    report = predict_file(str(tmp_path / "ensemble.json"), str(test_path), str(tmp_path / "s.csv"), config.predict)
+    ensemble = table.loc[table.index.str.startswith("ensemble spec")].iloc[0]
+    assert ensemble["holdout_log_loss"] == pytest.approx(report.metrics["log_loss"], abs=1e-5)
+    assert table.loc["class shares of the training rows", "holdout_log_loss"] > 0
+    assert len(table) == 4  # prior, member raw, member with its temperature, ensemble
