@@ -189,7 +189,7 @@ def fit_classical(config: Config, callbacks: list | None = None) -> FitResult:
     # app.training and app.modeling import torch; the workers import this module and need neither.
     from app.modeling import CHECKPOINT_FORMAT, CHECKPOINT_META
     from app.training import (
-        CHECKPOINT_MANAGER_SNAPSHOT, FitResult, load_training_rows, run_directory, split_train_valid)
+        CHECKPOINT_MANAGER_SNAPSHOT, FitResult, load_training_rows, run_directory, split_train_valid, summarize_run)
 
     run_dir = run_directory(config)
     if "://" not in run_dir and os.path.exists(os.path.join(run_dir, CHECKPOINT_MANAGER_SNAPSHOT)):
@@ -230,14 +230,7 @@ def fit_classical(config: Config, callbacks: list | None = None) -> FitResult:
         datasets={"train": rows_dataset(train_frame), "valid": rows_dataset(valid_frame)},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-    result = trainer.fit()
-    checkpoint, metrics = min(result.best_checkpoints, key=lambda pair: pair[1]["valid_log_loss"])
-    history = result.return_value or []
-    summary = {"best_checkpoint": checkpoint.path, "best_metrics": metrics, "history": history, "n_rejected": n_rejected}
-    if "://" not in run_dir:
-        with open(os.path.join(run_dir, "summary.json"), "w", encoding="utf-8") as handle:
-            json.dump(summary, handle, indent=2, default=float)
-    return FitResult(run_dir, checkpoint.path, dict(metrics), history, n_rejected)
+    return summarize_run(trainer.fit(), run_dir, n_rejected)
 
 
 def rows_dataset(frame: pd.DataFrame) -> ray.data.Dataset:
@@ -297,6 +290,5 @@ class ClassicalPredictor:
 
     def predict(self, prompts: Sequence[Sequence[str]], responses_a: Sequence[Sequence[str]],
                 responses_b: Sequence[Sequence[str]], tta_swap: bool = False) -> np.ndarray:
-        """(N, 3) probabilities of A wins, B wins, tie; with `tta_swap`, the mean of both views'."""
-        views = [softmax(view) for view in self._views(prompts, responses_a, responses_b, tta_swap)]
-        return views[0] if not tta_swap else (views[0] + views[1][:, list(SWAPPED_LABEL)]) / 2
+        """(N, 3) probabilities of A wins, B wins, tie: softmax of `predict_logits` (one TTA rule everywhere)."""
+        return softmax(self.predict_logits(prompts, responses_a, responses_b, tta_swap=tta_swap))

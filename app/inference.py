@@ -63,16 +63,9 @@ class Predictor:
 
     def predict(self, prompts: Sequence[Sequence[str]], responses_a: Sequence[Sequence[str]],
                 responses_b: Sequence[Sequence[str]], tta_swap: bool = False) -> np.ndarray:
-        """(N, 3) probabilities of A wins, B wins, tie.
-
-        With `tta_swap` the rows are also scored with A and B exchanged, that view's A/B columns are
-        swapped back, and the two views' probabilities are averaged.
-        """
-        probs = softmax(self.logits_of(*self.encoder.encode_with_segments(prompts, responses_a, responses_b)))
-        if tta_swap:
-            swapped = self.encoder.encode_with_segments(prompts, responses_a, responses_b, swap=True)
-            probs = (probs + softmax(self.logits_of(*swapped))[:, list(SWAPPED_LABEL)]) / 2
-        return probs
+        """(N, 3) probabilities of A wins, B wins, tie: softmax of `predict_logits`, so single checkpoints,
+        ensemble specs and Serve combine the two TTA views by one rule (the mean of log-probabilities)."""
+        return softmax(self.predict_logits(prompts, responses_a, responses_b, tta_swap=tta_swap))
 
 
 def load_predictor(checkpoint_dir: str, tokens_per_batch: int = 8192, device: str | None = None,

@@ -160,7 +160,11 @@ def fit(config: Config, callbacks: list | None = None) -> FitResult:
           f"(fold {config.data.valid_fold} of {config.data.n_folds}, grouped by prompt)", flush=True)
     trainer = build_trainer(config, encode_dataset(train_frame, config), encode_dataset(valid_frame, config),
                             rows_per_worker, callbacks, class_frequencies(train_frame["label"].to_numpy()).tolist())
-    result = trainer.fit()
+    return summarize_run(trainer.fit(), run_dir, n_rejected)
+
+
+def summarize_run(result: ray.train.Result, run_dir: str, n_rejected: int) -> FitResult:
+    """The best checkpoint by validation log loss of a finished run, also written to <run_dir>/summary.json."""
     checkpoint, metrics = min(result.best_checkpoints, key=lambda pair: pair[1]["valid_log_loss"])
     history = result.return_value or []
     summary = {"best_checkpoint": checkpoint.path, "best_metrics": metrics, "history": history, "n_rejected": n_rejected}
