@@ -13,7 +13,7 @@ DEMO_DASHBOARD_PORT ?= 8275
 DEMO_RUNS := $(CURDIR)/runs
 DEMO_DATA := $(DEMO_RUNS)/demo/builtin_data
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo serve bench clean
 
 setup: $(STAMP)
 
@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 test: setup
-	RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.2 $(PY) -m pytest -q
+	RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.2 $(PY) -m pytest -q --durations=15
 
 # A real `ray job submit` round trip: start a local head, train, predict, stop that head only
 # (`ray stop` would also stop every other Ray on the machine). Each demo is a fresh run: the previous demo's
@@ -47,6 +47,19 @@ demo: setup
 	$(PY) -c "import json; s = json.load(open('$(DEMO_RUNS)/demo/summary.json')); m = s['best_metrics']; \
 	print(f\"\nvalidation log loss {m['valid_log_loss']:.4f} (uniform guess: 1.0986), accuracy {m['valid_accuracy']:.3f}\"); \
 	print('checkpoint: ' + s['best_checkpoint']); print('submission: $(DEMO_RUNS)/demo/submission.csv')"
+
+# The Ray Serve app (serve/config.yaml) on the demo's best checkpoint, on 127.0.0.1:$(SERVE_PORT), in a local
+# Ray of its own; Ctrl-C stops it. Needs a finished `make demo`.
+SERVE_PORT ?= 8000
+serve: setup
+	@set -euo pipefail; export PATH="$(CURDIR)/$(VENV)/bin:$$PATH"; \
+	test -f $(DEMO_RUNS)/demo/summary.json || { echo "no $(DEMO_RUNS)/demo/summary.json: run 'make demo' first" >&2; exit 1; }; \
+	$(PY) -c "import json, yaml; best = json.load(open('$(DEMO_RUNS)/demo/summary.json'))['best_checkpoint']; \
+	config = yaml.safe_load(open('serve/config.yaml')); config['http_options']['port'] = $(SERVE_PORT); \
+	config['applications'][0]['args']['model'] = best; print('serving ' + best); \
+	yaml.safe_dump(config, open('$(DEMO_RUNS)/demo/serve.yaml', 'w'), sort_keys=False)"; \
+	echo "http://127.0.0.1:$(SERVE_PORT)/docs once ready (curl http://127.0.0.1:$(SERVE_PORT)/readyz)"; \
+	serve run --address local $(DEMO_RUNS)/demo/serve.yaml
 
 clean:
 	rm -rf runs .pytest_cache
