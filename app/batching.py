@@ -1,10 +1,15 @@
-"""Batches that waste little compute on padding: length grouping, token budgets, dynamic padding."""
+"""Batches that waste little compute on padding (length grouping, token budgets, dynamic padding), and the
+micro-batches of a training window in their A/B orders."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
+
+from app.formatting import SWAPPED_LABEL
 
 
 def length_grouped_batches(
@@ -54,3 +59,75 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarr
         input_ids[row, : len(seq)] = seq
         attention_mask[row, : len(seq)] = 1
     return input_ids, attention_mask
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """The rows of one forward and backward pass, each in the A/B order it is trained in."""
+
+    sequences: np.ndarray  # (B,) object: 1-D token ids of each row
+    segments: np.ndarray  # (B,) object: 1-D segment ids of each row
+    labels: np.ndarray  # (B,) int64 classes, A/B-swapped where the row is
+    soft_labels: np.ndarray | None  # (B, 3) teacher probabilities in the same order, or None without a teacher
+
+
+def pairs_per_micro_batch(batch_size: int, swap_mode: Literal["random", "symmetric"]) -> int:
+    """Pairs (dataset rows) in one micro-batch of `batch_size` sequences: half of it when each pair comes twice."""
+    return batch_size // 2 if swap_mode == "symmetric" else batch_size
+
+
+def choose_rows(swap: np.ndarray, plain: np.ndarray, swapped: np.ndarray) -> np.ndarray:
+    """Per row, the swapped encoding where `swap` is set; an object array of 1-D rows (ragged or not)."""
+    out = np.empty(len(swap), dtype=object)
+    for index, use_swapped in enumerate(swap):
+        out[index] = swapped[index] if use_swapped else plain[index]
+    return out
+
+
+def swap_soft_labels(probs: np.ndarray) -> np.ndarray:
+    """(N, 3) class probabilities of the A/B-swapped rows: p(A wins) and p(B wins) trade places."""
+    return np.asarray(probs)[:, list(SWAPPED_LABEL)]
+
+
+def micro_batches(
+    window: Mapping[str, np.ndarray],
+    batch_size: int,
+    group_batches: int,
+    swap_mode: Literal["random", "symmetric"],
+    swap_prob: float,
+    rng: np.random.Generator,
+) -> list[MicroBatch]:
+    """Cut a window of encoded rows (both A/B orders, as `app.training.EncodeBatch` writes them) into
+    length-grouped micro-batches of `batch_size` sequences.
+
+    random: each row is trained in one order, the swapped one with probability `swap_prob`.
+    symmetric: each micro-batch holds `batch_size / 2` pairs and then the same pairs with A and B swapped,
+    so every step's gradient treats A and B alike.
+    Labels, and the teacher's probabilities (`teacher_probs`, when the window has them), follow each row's
+    order. Every draw comes from `rng`, so a replayed window gives the same batches.
+    """
+    n_rows = len(window["label"])
+    teacher = window.get("teacher_probs")
+    if swap_mode == "random":
+        swap = rng.random(n_rows) < swap_prob
+        sequences = choose_rows(swap, window["input_ids"], window["input_ids_swapped"])
+        segments = choose_rows(swap, window["segment_ids"], window["segment_ids_swapped"])
+        labels = np.where(swap, np.take(SWAPPED_LABEL, window["label"]), window["label"]).astype(np.int64)
+        soft = None if teacher is None else np.where(swap[:, None], swap_soft_labels(teacher), teacher)
+        lengths = [len(sequence) for sequence in sequences]
+        return [MicroBatch(sequences[rows], segments[rows], labels[rows], None if soft is None else soft[rows])
+                for rows in length_grouped_batches(lengths, batch_size, group_batches, rng)]
+    no_swap, all_swap = np.zeros(n_rows, dtype=bool), np.ones(n_rows, dtype=bool)
+    plain_ids = choose_rows(no_swap, window["input_ids"], window["input_ids_swapped"])
+    swapped_ids = choose_rows(all_swap, window["input_ids"], window["input_ids_swapped"])
+    plain_segments = choose_rows(no_swap, window["segment_ids"], window["segment_ids_swapped"])
+    swapped_segments = choose_rows(all_swap, window["segment_ids"], window["segment_ids_swapped"])
+    labels = np.asarray(window["label"], dtype=np.int64)
+    lengths = [max(len(plain), len(swapped)) for plain, swapped in zip(plain_ids, swapped_ids)]
+    batches = []
+    for rows in length_grouped_batches(lengths, pairs_per_micro_batch(batch_size, "symmetric"), group_batches, rng):
+        soft = None if teacher is None else np.concatenate([teacher[rows], swap_soft_labels(teacher[rows])])
+        batches.append(MicroBatch(np.concatenate([plain_ids[rows], swapped_ids[rows]]),
+                                  np.concatenate([plain_segments[rows], swapped_segments[rows]]),
+                                  np.concatenate([labels[rows], np.take(SWAPPED_LABEL, labels[rows])]), soft))
+    return batches

@@ -3,12 +3,12 @@
 `fit_classical` is what `app.training.fit` runs for this kind, so jobs/train, jobs/cv and Tune sweeps use it
 unchanged. The driver loads and splits the rows as the torch path does and fits the featurizer
 (app/features.py) on the training rows only. Each Ray Train worker featurizes its shard of the training rows
-in both A/B orders (weights 1 - train.swap_prob and train.swap_prob, so the trees see every pair both ways)
-and the whole validation fold, then boosts with xgboost's collective, which Ray Train's XGBoostConfig sets
-up: the histograms and the validation metrics are reduced over the workers, so every worker grows the same
-trees and stops early at the same round. Every classical.report_every_rounds rounds the workers report
-valid_log_loss (to Tune too); at the end rank 0 scores the validation fold with `app.metrics.score` and
-reports the one checkpoint, cut at the best round:
+in both A/B orders (weights 1 - train.swap_prob and train.swap_prob, 0.5 each with train.swap_mode=symmetric,
+so the trees see every pair both ways) and the whole validation fold, then boosts with xgboost's collective,
+which Ray Train's XGBoostConfig sets up: the histograms and the validation metrics are reduced over the
+workers, so every worker grows the same trees and stops early at the same round. Every
+classical.report_every_rounds rounds the workers report valid_log_loss (to Tune too); at the end rank 0 scores
+the validation fold with `app.metrics.score` and reports the one checkpoint, cut at the best round:
 
     model.ubj        the booster (xgboost UBJSON), multi:softprob over A wins, B wins, tie
     featurizer.pkl   the fitted PairFeaturizer (pickled scikit-learn vectorizers; versions in arena.json)
@@ -37,13 +37,12 @@ import ray.train
 import scipy.sparse as sp
 import xgboost
 from ray.train.xgboost import XGBoostConfig, XGBoostTrainer
-from scipy.special import log_softmax
 
 from app.config import Config, ConfigError, config_to_dict, validate_config
 from app.data import LABEL_COLUMNS
 from app.features import PairFeaturizer
 from app.formatting import SWAPPED_LABEL
-from app.metrics import score, softmax
+from app.metrics import combine_views, score, softmax
 from app.priors import class_frequencies
 
 if TYPE_CHECKING:
@@ -140,7 +139,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, float]]
     rank = ray.train.get_context().get_world_rank()
     ray.data.DataContext.get_current().enable_progress_bars = False
     started = time.perf_counter()
-    train_x, train_y, train_w = training_matrix(featurizer, read_shard("train"), config.train.swap_prob)
+    # swap_mode=symmetric: both orders of every pair weigh the same
+    swap_prob = 0.5 if config.train.swap_mode == "symmetric" else config.train.swap_prob
+    train_x, train_y, train_w = training_matrix(featurizer, read_shard("train"), swap_prob)
     valid = read_shard("valid")  # the whole fold on every worker: reduced metrics count each row once per worker
     valid_x, valid_y = featurizer.transform(*(valid[column] for column in TEXT_COLUMNS)), np.asarray(valid["label"])
     dtrain = xgboost.DMatrix(train_x, label=train_y, weight=train_w)
@@ -281,14 +282,16 @@ class ClassicalPredictor:
                 .reshape(-1, 3) for matrix in matrices]
 
     def predict_logits(self, prompts: Sequence[Sequence[str]], responses_a: Sequence[Sequence[str]],
-                       responses_b: Sequence[Sequence[str]], tta_swap: bool = False) -> np.ndarray:
-        """(N, 3) class logits; with `tta_swap`, the mean of both views' log-probabilities (A/B put back)."""
+                       responses_b: Sequence[Sequence[str]], tta_swap: bool = False,
+                       tta_combine: str = "logit") -> np.ndarray:
+        """(N, 3) class logits; with `tta_swap`, both views merged by `app.metrics.combine_views` (A/B put back)."""
         views = self._views(prompts, responses_a, responses_b, tta_swap)
         if not tta_swap:
             return views[0]
-        return (log_softmax(views[0], axis=1) + log_softmax(views[1], axis=1)[:, list(SWAPPED_LABEL)]) / 2
+        return combine_views(views[0], views[1][:, list(SWAPPED_LABEL)], tta_combine)
 
     def predict(self, prompts: Sequence[Sequence[str]], responses_a: Sequence[Sequence[str]],
-                responses_b: Sequence[Sequence[str]], tta_swap: bool = False) -> np.ndarray:
+                responses_b: Sequence[Sequence[str]], tta_swap: bool = False,
+                tta_combine: str = "logit") -> np.ndarray:
         """(N, 3) probabilities of A wins, B wins, tie: softmax of `predict_logits` (one TTA rule everywhere)."""
-        return softmax(self.predict_logits(prompts, responses_a, responses_b, tta_swap=tta_swap))
+        return softmax(self.predict_logits(prompts, responses_a, responses_b, tta_swap, tta_combine))

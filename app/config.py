@@ -57,7 +57,9 @@ class ModelConfig(_Section):
       decoder      AutoModelForSequenceClassification on a decoder-only LM (Llama, Mistral, Gemma-2, Qwen2):
                    a head on the last non-pad token.
       decoder_lm   a causal LM scored on its next token after the answer cue: the class logits are the
-                   logits of the three `label_words` tokens (cross-entropy over those three).
+                   logits of the three `label_words` tokens (cross-entropy over those three), or with
+                   `lm_loss=vocab` instruction tuning: the LM's cross-entropy over its whole vocabulary on
+                   the verdict token (predictions renormalise the three label-word probabilities).
       t5           an encoder-decoder (T5, FLAN-T5): each label word's sequence log-probability from the
                    decoder, constrained to the label set.
       tfidf_xgb    no network: TF-IDF and counted features of the texts, a 3-class XGBoost model on them
@@ -76,6 +78,16 @@ class ModelConfig(_Section):
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in the backward pass (non-reentrant): less memory, ~30% more time")
     attn_implementation: str | None = Field(None, description="sdpa, eager, flash_attention_2; None = library default")
+    lm_loss: Literal["labels", "vocab"] = Field(
+        "labels", description="decoder_lm: labels = softmax over the three label tokens; vocab = instruction tuning, "
+                              "the LM's cross-entropy over the full vocabulary on the verdict token")
+
+    @model_validator(mode="after")
+    def _vocab_loss_needs_decoder_lm(self) -> ModelConfig:
+        if self.lm_loss == "vocab" and self.kind != "decoder_lm":
+            raise ValueError(f"model.lm_loss=vocab trains a causal LM to generate the verdict word, so it needs "
+                             f"model.kind=decoder_lm (got {self.kind}); set model.lm_loss=labels")
+        return self
 
 
 class AdapterConfig(_Section):
@@ -156,7 +168,8 @@ class TrainConfig(_Section):
 
     epochs: int = Field(2, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (quick runs)")
-    batch_size: int = Field(16, ge=1, description="rows per micro-batch per worker")
+    batch_size: int = Field(16, ge=1, description="sequences per micro-batch per worker: rows, or with "
+                            "swap_mode=symmetric batch_size / 2 pairs in both A/B orders")
     grad_accum_steps: int = Field(1, ge=1)
     lr: float = Field(5e-5, gt=0)
     head_lr_scale: float = Field(10.0, gt=0, description="the new classification head (and pooler) learn this much faster")
@@ -166,12 +179,42 @@ class TrainConfig(_Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     cpu_bf16: bool = Field(False, description="precision=auto on a CPU with native bf16 (AMX / AVX512-BF16): train "
                            "under bf16 autocast (DDP only; ~1.4x faster MiniLM steps on the benchmark CPU)")
-    swap_prob: float = Field(0.5, ge=0, le=1, description="probability of training a row with A and B swapped")
+    swap_prob: float = Field(0.5, ge=0, le=1, description="swap_mode=random: probability of training a row with "
+                             "A and B swapped")
+    swap_mode: Literal["random", "symmetric"] = Field(
+        "random", description="random: each row in one A/B order drawn with swap_prob; symmetric: every "
+        "micro-batch holds batch_size / 2 pairs in both orders (an epoch sees each pair twice, so it takes "
+        "twice the steps; batch_size must be even)")
     length_group_batches: int = Field(50, ge=1, description="batches per length-sorted buffer (1 = no grouping)")
     eval_batch_size: int = Field(64, ge=1)
     log_every_steps: int = Field(20, ge=1)
     checkpoint_every_steps: int | None = Field(
         None, ge=1, description="also checkpoint mid-epoch every N optimizer steps (for resume); None = per epoch")
+
+    @model_validator(mode="after")
+    def _symmetric_batches_hold_pairs(self) -> TrainConfig:
+        if self.swap_mode == "symmetric" and self.batch_size % 2:
+            raise ValueError(f"train.swap_mode=symmetric puts each pair in both A/B orders into one micro-batch, so "
+                             f"train.batch_size (sequences per micro-batch) must be even; got {self.batch_size}")
+        return self
+
+
+class DistillConfig(_Section):
+    """Teacher-student distillation (app/distillation.py): the student also learns the out-of-fold class
+    probabilities of a teacher. The loss is alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(label),
+    both sides softened by the temperature T; validation stays the plain log loss against the labels."""
+
+    teacher: str | None = Field(
+        None, description="an out-of-fold member folder (jobs/cv.py) or an ensemble spec .json (jobs/ensemble.py) "
+                          "that scored every training row; None = no distillation")
+    temperature: float = Field(2.0, gt=0, description="T: teacher and student logits are divided by it in the KL term")
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the KL term; 1 - alpha weighs the hard-label loss")
+
+    @model_validator(mode="after")
+    def _teacher_named(self) -> DistillConfig:
+        if self.teacher is not None and not self.teacher.strip():
+            raise ValueError("distill.teacher is empty: name a member folder or an ensemble .json, or set it to null")
+        return self
 
 
 class ScalingConfig(_Section):
@@ -203,8 +246,17 @@ class PredictConfig(_Section):
 
     tokens_per_batch: int = Field(8192, ge=64, description="padded tokens per forward pass (length-sorted batches)")
     tta_swap: bool = Field(False, description="average with the A/B-swapped view")
+    tta_combine: Literal["logit", "prob"] = Field(
+        "logit", description="how the two TTA views merge: logit = mean of log-probabilities (normalised geometric "
+        "mean), prob = mean of probabilities")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto = bf16 on GPUs and on CPUs with native bf16 (AMX / AVX512-BF16), else fp32")
+    temperature: float | None = Field(
+        None, gt=0, description="divide the final log-probabilities by T (>1 softer, <1 sharper); None = the "
+        "ensemble spec's (1 for a checkpoint)")
+    smoothing: float | None = Field(
+        None, ge=0, lt=1, description="(1 - s) * p + s * prior, the prior being predict.priors when given, else the "
+        "training class shares; None = the spec's (0 for a checkpoint)")
     num_actors: int = Field(1, ge=1)
     cpus_per_actor: float = Field(1.0, gt=0)
     priors: Literal["em"] | tuple[float, float, float] | None = Field(
@@ -220,6 +272,49 @@ class PredictConfig(_Section):
             if isinstance(value, tuple) and (min(value) <= 0 or abs(sum(value) - 1) > 1e-6):
                 raise ValueError(f"{name} must be three positive class shares (A, B, tie) summing to 1; got {list(value)}")
         return self
+
+
+class PromptingConfig(_Section):
+    """Zero- and few-shot prompting without training (app/prompting.py, app/fewshot.py, jobs/prompt.py): an
+    instruction, `k` labelled examples, then the query pair and the answer cue; the model (model.kind
+    decoder_lm or t5) scores the three label words. Other jobs ignore this section."""
+
+    k: int = Field(4, ge=0, description="labelled examples in each prompt (0 = zero-shot)")
+    selection: Literal["random", "retrieved"] = Field(
+        "random", description="random draws from the pool, or the k most similar pairs (cosine of the vectors of "
+                              "app/retrieval.py, made with the retrieval section's encoder settings)")
+    instruction: str = Field(
+        "Two AI assistants answered the same user prompt. Decide which response the user preferred: answer A "
+        "if response A is better, B if response B is better, or tie.",
+        description="the text the prompt starts with, kept whole")
+    example_max_tokens: int = Field(
+        256, ge=16, description="tokens of one example (texts, markers, cue and verdict); its texts are cut by the "
+                                "format truncation policy")
+    query_max_tokens: int | None = Field(
+        None, ge=16, description="cut the query's texts to this many tokens, leaving room for examples; None = "
+                                 "the query keeps all it can (examples are cut and dropped first)")
+    seed: int = Field(0, description="random example draws (the folds follow the top-level seed)")
+
+
+class RetrievalConfig(_Section):
+    """Retrieval-augmented classification (app/retrieval.py): the `k` training pairs most similar to a row, with
+    their verdicts, are put in front of it, in training and in prediction (the index travels with the checkpoint).
+    A row never retrieves itself or a pair of its own prompt group. Other model kinds than tfidf_xgb take it."""
+
+    enabled: bool = False
+    k: int = Field(2, ge=1, le=32, description="neighbours shown per row (fewer when the block's room runs out)")
+    embed: Literal["prompt", "pair"] = Field(
+        "prompt", description="what is embedded: the prompt only, or also the responses (prompt and A + B "
+                              "embedded apart and joined; order-free, so both A/B orders find the same pairs)")
+    encoder: str = Field(PACKAGED_MINILM, description="sentence encoder (mean pooling, L2 norm): a local folder, "
+                                                      "hub id or the packaged MiniLM")
+    embed_max_tokens: int = Field(128, ge=8, le=512, description="encoder tokens per embedded text (the rest is cut)")
+    embed_batch_size: int = Field(64, ge=1, description="texts per encoder forward pass")
+    max_tokens: int = Field(
+        96, ge=16, description="model tokens of the neighbour block (header, neighbours' texts, verdicts); the "
+                               "query keeps the rest of format.max_length")
+    index: Literal["flat", "hnsw"] = Field(
+        "flat", description="faiss index: flat = exact inner-product search, hnsw = approximate (large sets)")
 
 
 class Config(BaseModel):
@@ -238,6 +333,22 @@ class Config(BaseModel):
     run: RunConfig = RunConfig()
     predict: PredictConfig = PredictConfig()
     classical: ClassicalConfig = ClassicalConfig()
+    prompting: PromptingConfig = PromptingConfig()
+    distill: DistillConfig = DistillConfig()
+    retrieval: RetrievalConfig = RetrievalConfig()
+
+    @model_validator(mode="after")
+    def _retrieval_block_fits(self) -> Config:
+        if not self.retrieval.enabled:
+            return self
+        if self.model.kind == "tfidf_xgb":
+            raise ValueError("retrieval.enabled=true puts neighbour texts into a network's input; model.kind=tfidf_xgb "
+                             "has none: set retrieval.enabled=false or choose another model.kind")
+        if self.retrieval.max_tokens > self.format.max_length // 2:
+            raise ValueError(f"retrieval.max_tokens={self.retrieval.max_tokens} would take more than half of "
+                             f"format.max_length={self.format.max_length}; the query keeps at least half: lower "
+                             "retrieval.max_tokens or raise format.max_length")
+        return self
 
     @model_validator(mode="after")
     def _tfidf_xgb_has_no_network(self) -> Config:
@@ -247,6 +358,7 @@ class Config(BaseModel):
             (self.adapter.method != "full", f"adapter.method={self.adapter.method} (set full)"),
             (self.deepspeed.enabled, "deepspeed.enabled=true (set false)"),
             (self.scaling.use_gpu, "scaling.use_gpu=true (xgboost-cpu trains on CPUs: set false)"),
+            (self.distill.teacher is not None, "distill.teacher (a student is a network: set null)"),
         ) if wrong]
         if conflicts:
             raise ValueError("model.kind=tfidf_xgb trains a TF-IDF + XGBoost model, not a network, so it cannot "

@@ -3,22 +3,25 @@
 A member folder (`<run.storage_path>/<run.name>/`) holds:
 
     member.json   {"format": 1, "member": name, "folds": [{"fold", "checkpoint", "valid_log_loss",
-                   "valid_accuracy", "rows"}], "oof_log_loss", "oof_accuracy", "tta_swap", "config"}
+                   "valid_accuracy", "rows", "train_seconds", "predict_seconds"}], "oof_log_loss",
+                   "oof_accuracy", "tta_swap", "train_seconds", "predict_seconds_per_1000_rows", "config"}
+                  (the timing keys may be absent in older folders, or null where unknown)
     oof.parquet   one row per training row: id (str), fold (int), label (int), logit_a, logit_b, logit_tie,
                   scored by the fold model that did not train on it
     test.parquet  (with a test file) every fold model on every test row: id, fold, logit_a, logit_b, logit_tie
 
 Logits are natural-log class scores (softmax gives probabilities); with `predict.tta_swap` they are the mean
-of both A/B views' log-probabilities. Folds are the prompt-grouped split of app/data.py (`data.n_folds`,
-`seed`), so members trained with the same data settings share folds row for row, which calibration and
-ensemble fitting (app/calibration.py, app/ensemble.py) rely on; `load_members` checks it.
+of both A/B views' log-probabilities (`predict.tta_combine=prob`: the log of their mean probabilities).
+Folds are the prompt-grouped split of app/data.py (`data.n_folds`, `seed`), so members trained with the same data settings share folds row for row, which calibration and
+ensemble fitting (app/calibration.py, app/ensemble.py) rely on; `load_members` checks it. Reading a
+member folder (`load_member`, `load_members`) lives in app/members.py, which needs no Ray.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+import time
 from typing import Literal
 
 import numpy as np
@@ -28,49 +31,37 @@ from app.calibration import expected_calibration_error, fit_calibration, reliabi
 from app.config import Config, apply_overrides, config_to_dict, validate_config
 from app.data import load_pairs
 from app.ensemble import EnsembleMember, EnsembleSpec, apply_spec_to_member_logits, combine, fit_ensemble, save_spec
+from app.members import LOGIT_COLUMNS, OOF_FORMAT, Member, load_member, load_members
 from app.metrics import score, softmax
 from app.modeling import library_versions
 from app.prediction import score_rows
 from app.training import fit, load_training_rows, run_directory, split_train_valid
 
-OOF_FORMAT = 1
-LOGIT_COLUMNS = ("logit_a", "logit_b", "logit_tie")
 
-
-@dataclass
-class Member:
-    """One member's out-of-fold (and test) logits, read back from its folder."""
-
-    name: str
-    directory: str
-    oof: pd.DataFrame
-    test: pd.DataFrame | None
-    meta: dict
-
-    @property
-    def oof_logits(self) -> np.ndarray:
-        return self.oof[list(LOGIT_COLUMNS)].to_numpy(dtype=np.float64)
-
-    def checkpoints(self) -> list[str]:
-        return [fold["checkpoint"] for fold in self.meta["folds"]]
-
-
-def run_cv(config: Config, folds: list[int] | None = None, test_path: str | None = None) -> Member:
+def run_cv(config: Config, folds: list[int] | None = None, test_path: str | None = None,
+           member_dir: str | None = None) -> Member:
     """Train `config` once per fold (run names `<run.name>-fold<k>`), score each held-out fold and the test
-    file, and write the member folder. Returns the member as read back."""
-    member_dir = run_directory(config)
+    file, and write the member folder (default `<run.storage_path>/<run.name>`; another folder scores the
+    same fold runs with other `predict` settings). Returns the member as read back."""
+    member_dir = member_dir or run_directory(config)
     folds = list(range(config.data.n_folds)) if folds is None else folds
     test_frame = load_pairs(test_path, require_labels=False).frame if test_path else None
     oof_parts, test_parts, fold_meta = [], [], []
     for fold in folds:
         fold_config = validate_config(apply_overrides(config_to_dict(config), {
             "data.valid_fold": fold, "run.name": f"{config.run.name}-fold{fold}"}), f"fold {fold} config")
+        finished_before = os.path.exists(os.path.join(run_directory(fold_config), "summary.json"))
+        started = time.perf_counter()
         result = fit(fold_config)
+        train_seconds = record_train_seconds(result.run_dir, time.perf_counter() - started, finished_before)
         frame, _ = load_training_rows(fold_config, result.run_dir)
         _, valid = split_train_valid(frame, fold_config)
+        started = time.perf_counter()
         logits = score_rows(result.best_checkpoint, valid, config.predict, output="logits")
+        predict_seconds = time.perf_counter() - started
         oof_parts.append(_logit_frame(valid["id"], fold, logits).assign(label=valid["label"].to_numpy()))
         fold_meta.append({"fold": fold, "checkpoint": result.best_checkpoint, "rows": len(valid),
+                          "train_seconds": train_seconds, "predict_seconds": predict_seconds,
                           **{f"valid_{k}": v for k, v in score(softmax(logits), valid["label"].to_numpy()).items()}})
         if test_frame is not None:
             test_parts.append(_logit_frame(test_frame["id"], fold, score_rows(result.best_checkpoint, test_frame,
@@ -80,7 +71,7 @@ def run_cv(config: Config, folds: list[int] | None = None, test_path: str | None
     oof_metrics = score(softmax(oof[list(LOGIT_COLUMNS)].to_numpy()), oof["label"].to_numpy())
     meta = {"format": OOF_FORMAT, "member": config.run.name, "folds": fold_meta,
             "oof_log_loss": oof_metrics["log_loss"], "oof_accuracy": oof_metrics["accuracy"],
-            "tta_swap": config.predict.tta_swap, "config": config_to_dict(config)}
+            "tta_swap": config.predict.tta_swap, **timing_summary(fold_meta), "config": config_to_dict(config)}
     os.makedirs(member_dir, exist_ok=True)
     oof.to_parquet(os.path.join(member_dir, "oof.parquet"), index=False)
     if test_parts:
@@ -90,40 +81,36 @@ def run_cv(config: Config, folds: list[int] | None = None, test_path: str | None
     return load_member(member_dir)
 
 
+def record_train_seconds(run_dir: str, seconds: float, finished_before: bool) -> float | None:
+    """The wall time of the `fit` call that trained a fold run (Ray start-up, data encoding, training and
+    evaluation), kept in <run_dir>/timing.json: a run that had finished before this call is only read back
+    (None if it predates timing.json); a resumed, unfinished run counts its last call only."""
+    path = os.path.join(run_dir, "timing.json")
+    if finished_before:
+        if not os.path.exists(path):
+            return None
+        with open(path, encoding="utf-8") as handle:
+            return float(json.load(handle)["train_seconds"])
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump({"train_seconds": seconds}, handle)
+    return seconds
+
+
+def timing_summary(fold_meta: list[dict]) -> dict[str, float | None]:
+    """A member's training seconds over its folds (None if a fold's is unknown) and its out-of-fold scoring
+    seconds per 1,000 rows (actor start-up and model loading included, as a user of predict pays them)."""
+    train = [fold.get("train_seconds") for fold in fold_meta]
+    rows = sum(fold["rows"] for fold in fold_meta)
+    predict = sum(fold.get("predict_seconds") or 0.0 for fold in fold_meta)
+    return {"train_seconds": None if None in train else float(sum(train)),
+            "predict_seconds_per_1000_rows": 1000.0 * predict / rows if rows else None}
+
+
 def _logit_frame(ids: pd.Series, fold: int, logits: np.ndarray) -> pd.DataFrame:
     frame = pd.DataFrame(logits, columns=list(LOGIT_COLUMNS))
     frame.insert(0, "fold", fold)
     frame.insert(0, "id", ids.astype(str).to_numpy())
     return frame
-
-
-def load_member(directory: str) -> Member:
-    """Read a member folder written by `run_cv`."""
-    meta_path = os.path.join(directory, "member.json")
-    if not os.path.exists(meta_path):
-        raise FileNotFoundError(f"{directory} is not an out-of-fold member folder: it has no member.json "
-                                "(write one with `python -m jobs.cv`)")
-    with open(meta_path, encoding="utf-8") as handle:
-        meta = json.load(handle)
-    if meta.get("format") != OOF_FORMAT:
-        raise ValueError(f"{meta_path}: format {meta.get('format')}, this version reads format {OOF_FORMAT}")
-    oof = pd.read_parquet(os.path.join(directory, "oof.parquet"))
-    test_path = os.path.join(directory, "test.parquet")
-    test = pd.read_parquet(test_path) if os.path.exists(test_path) else None
-    return Member(meta["member"], directory, oof, test, meta)
-
-
-def load_members(directories: list[str]) -> tuple[list[Member], np.ndarray]:
-    """Members aligned on the same rows (sorted by id) and the labels; raises if their rows or folds differ."""
-    members = [load_member(directory) for directory in directories]
-    for member in members:
-        member.oof = member.oof.sort_values("id", kind="stable").reset_index(drop=True)
-    first = members[0].oof
-    for member in members[1:]:
-        if not (member.oof["id"].equals(first["id"]) and member.oof["fold"].equals(first["fold"])):
-            raise ValueError(f"members {members[0].name} and {member.name} were not scored on the same rows and "
-                             "folds: train them with the same data.train_path, data.n_folds and seed")
-    return members, first["label"].to_numpy()
 
 
 def build_ensemble(directories: list[str], out_dir: str, mode: Literal["prob", "logit"] = "prob",
@@ -164,7 +151,7 @@ def build_ensemble(directories: list[str], out_dir: str, mode: Literal["prob", "
                                                temperature=fitted_member.temperature))
             fold_losses[name] = fitted.report.member_log_loss[member.name]
     spec = fitted.model_copy(update={
-        "members": tuple(fold_members),
+        "members": tuple(fold_members), "member_dirs": {member.name: member.directory for member in members},
         "report": fitted.report.model_copy(update={"member_log_loss": fold_losses})})
     spec = EnsembleSpec.model_validate(spec.model_dump())  # re-check the expanded spec (weights still sum to 1)
     save_spec(spec, os.path.join(out_dir, "ensemble.json"))

@@ -177,6 +177,13 @@ class EnsembleSpec(_Strict):
         None, description='class-prior shift after combining: null = none, "em" = estimate on each batch, '
                           "[pA, pB, pTie] = re-weight to these")
     train_priors: tuple[float, float, float] | None = Field(None, description="class shares of the training labels")
+    temperature: float = Field(1.0, gt=0, description="test-time temperature on the combined probabilities, before "
+                                                       "the prior shift (members keep their own)")
+    smoothing: float = Field(0.0, ge=0, lt=1, description="last: (1 - s) * p + s * prior (priors when fixed, the "
+                                                          "estimate under em, else train_priors)")
+    member_dirs: dict[str, str] | None = Field(
+        None, description="each member's out-of-fold folder (jobs/cv.py), by member name (a fold model's name "
+                          "up to '/'): the spec's out-of-fold logits, e.g. for a distillation teacher")
     versions: dict[str, str] = Field(default_factory=dict)
     created_at: AwareDatetime = Field(default_factory=lambda: datetime.now(timezone.utc))
     report: EnsembleReport
@@ -206,11 +213,23 @@ class EnsembleSpec(_Strict):
     def _consistent(self) -> EnsembleSpec:
         if self.priors is not None and self.train_priors is None:
             raise ValueError("train_priors: required when priors is set (the class shares the members were trained on)")
+        if self.smoothing and self.priors is None and self.train_priors is None:
+            raise ValueError("train_priors: required when smoothing is set without fixed priors (the shares to smooth "
+                             "toward)")
         names = {member.name for member in self.members}
         if set(self.report.member_log_loss) != names:
             raise ValueError(f"report.member_log_loss: must have one entry per member {sorted(names)}; got "
                              f"{sorted(self.report.member_log_loss)}")
+        groups = {member_group(name) for name in names}
+        if self.member_dirs is not None and set(self.member_dirs) != groups:
+            raise ValueError(f"member_dirs: must have one folder per member {sorted(groups)}; got "
+                             f"{sorted(self.member_dirs)}")
         return self
+
+
+def member_group(name: str) -> str:
+    """The out-of-fold member a spec member belongs to: `minilm` for the fold model `minilm/fold0`."""
+    return name.split("/")[0]
 
 
 class EnsembleSpecError(ValueError):
@@ -285,10 +304,31 @@ def apply_spec_to_member_logits(
     """
     ordered = _ordered_member_logits(spec, member_logits)
     probs = combine(ordered, [m.weight for m in spec.members], spec.mode, [m.temperature for m in spec.members])
-    if spec.priors is None:
-        return probs
-    assert spec.train_priors is not None  # the spec's validator guarantees it
-    return shift_priors(probs, spec.train_priors, spec.priors)
+    return finish_probabilities(probs, spec.temperature, spec.priors, spec.train_priors, spec.smoothing)
+
+
+def finish_probabilities(probs: np.ndarray, temperature: float = 1.0,
+                         priors: Literal["em"] | Sequence[float] | None = None,
+                         train_priors: Sequence[float] | None = None, smoothing: float = 0.0) -> np.ndarray:
+    """The test-time steps after combining, in order: temperature (softmax(log p / T)), class-prior shift
+    (to fixed shares, or to shares estimated by EM on these rows), then smoothing toward the prior (the fixed
+    priors, the EM estimate, or the training shares). (N, 3) in and out.
+
+    Raises:
+        ValueError: a prior shift or smoothing without the class shares it needs.
+    """
+    if temperature != 1.0:
+        probs = softmax(np.log(np.maximum(probs, np.finfo(np.float64).tiny)) / temperature)
+    if priors is not None:
+        if train_priors is None:
+            raise ValueError("a class-prior shift needs the class shares the model was trained on (train_priors)")
+        probs = shift_priors(probs, train_priors, priors)
+    if smoothing:
+        target = probs.mean(axis=0) if priors == "em" else priors if priors is not None else train_priors
+        if target is None:
+            raise ValueError("smoothing toward the prior needs class shares: give priors or train_priors")
+        probs = (1.0 - smoothing) * probs + smoothing * np.asarray(target, dtype=np.float64)
+    return probs
 
 
 def fit_ensemble(

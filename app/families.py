@@ -6,7 +6,11 @@
                 every row ends with the same closing tokens (answer cue + tokenizer suffix), so a pad id that
                 differs from the last closing token (`choose_pad_token`) puts the head on the true last token.
     decoder_lm  `CausalLMClassifier`: the LM's next-token logits at the last real position (right after the
-                answer cue) for the three label tokens.
+                answer cue) for the three label tokens. With `model.lm_loss=vocab` (instruction tuning) they
+                are the label tokens' log-probabilities over the whole vocabulary instead, and `class_loss`
+                is their negative log-likelihood: the LM's cross-entropy on the verdict token with every
+                prompt token masked. A softmax of either gives the same kind of prediction: the three label
+                words' probabilities renormalised.
     t5          `Seq2SeqClassifier`: each label word's sequence log-probability from the decoder, all three
                 labels scored in one batched decoder pass.
 
@@ -71,7 +75,8 @@ def load_network(config: Config, path: str, tokenizer: Any, **load_kwargs: Any) 
 def wrap_network(network: torch.nn.Module, config: Config, tokenizer: Any) -> torch.nn.Module:
     """The module the loop calls: the network itself for sequence classifiers, else a scoring wrapper."""
     if config.model.kind == "decoder_lm":
-        return CausalLMClassifier(network, label_token_ids(tokenizer, config.model.label_words))
+        return CausalLMClassifier(network, label_token_ids(tokenizer, config.model.label_words),
+                                  vocab_log_probs=config.model.lm_loss == "vocab")
     if config.model.kind == "t5":
         start = network.config.decoder_start_token_id
         return Seq2SeqClassifier(network, label_token_sequences(tokenizer, config.model.label_words), start,
@@ -149,13 +154,33 @@ def label_token_sequences(tokenizer: Any, label_words: tuple[str, ...]) -> list[
     return sequences
 
 
-class CausalLMClassifier(torch.nn.Module):
-    """Class logits of a causal LM: its next-token logits at each row's last real token, for the label tokens."""
+def class_loss(logits: torch.Tensor, labels: torch.Tensor, lm_loss: str = "labels") -> torch.Tensor:
+    """The training loss of (B, 3) class logits and (B,) labels, averaged over the batch.
 
-    def __init__(self, model: torch.nn.Module, label_ids: list[int]) -> None:
+    labels: cross-entropy over the three classes. vocab: the logits are log-probabilities over a whole LM
+    vocabulary (`CausalLMClassifier(vocab_log_probs=True)`), so the negative log-likelihood of the label's
+    column is the LM's cross-entropy over its vocabulary on the verdict token, the loss of instruction tuning
+    with the prompt tokens masked (-100).
+    """
+    if lm_loss == "vocab":
+        return torch.nn.functional.nll_loss(logits, labels)
+    if lm_loss == "labels":
+        return torch.nn.functional.cross_entropy(logits, labels)
+    raise ValueError(f"model.lm_loss must be 'labels' or 'vocab', got {lm_loss!r}")
+
+
+class CausalLMClassifier(torch.nn.Module):
+    """Class logits of a causal LM: its next-token logits at each row's last real token, for the label tokens.
+
+    With `vocab_log_probs` the logits are the label tokens' log-probabilities under the softmax over the whole
+    vocabulary (instruction tuning, `class_loss(..., "vocab")`); a softmax of the three renormalises them.
+    """
+
+    def __init__(self, model: torch.nn.Module, label_ids: list[int], vocab_log_probs: bool = False) -> None:
         super().__init__()
         self.model = model
         self.label_ids = list(label_ids)
+        self.vocab_log_probs = vocab_log_probs
 
     @property
     def config(self) -> Any:
@@ -168,6 +193,8 @@ class CausalLMClassifier(torch.nn.Module):
         keep[torch.arange(len(last), device=last.device), last] = True  # one position per row: lm_head on B rows only
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep,
                             use_cache=False).logits  # (B, V)
+        if self.vocab_log_probs:
+            logits = logits.float().log_softmax(-1)  # (B, V), fp32: a bf16 log-softmax over V loses the tail
         return SequenceClassifierOutput(logits=logits[:, self.label_ids])  # (B, 3)
 
 

@@ -9,6 +9,10 @@ for model kinds that read it as a question: decoder, decoder_lm and t5 (see `bui
 encoder's [CLS] head needs none. A decoder_lm predicts the label word right after it.
 
 Truncation policy, all counted in tokens of the model's own tokenizer:
+0. A context block given with the row (the retrieved neighbours of app/retrieval.py, already cut to its own
+   cap, `retrieval.max_tokens`) comes right after the leading specials and is kept whole; the turns get
+   the rest of the budget, so the row stays within `max_length` and the query keeps at least
+   `max_length - retrieval.max_tokens` (without a context nothing changes).
 1. The budget is `max_length` minus the tokenizer's special tokens (e.g. [CLS] ... [SEP]) and minus the
    answer cue when there is one: the cue is always kept whole.
 2. Turns are taken from the latest backwards and kept whole while they fit: the latest turns matter most.
@@ -134,12 +138,14 @@ def assemble(
     turns: Sequence[tuple[list[int], list[int], list[int]]],
     markers: Markers,
     config: FormatConfig,
+    reserved: int = 0,
 ) -> tuple[list[int], list[int]]:
     """Interleave tokenized (prompt, response_a, response_b) turns under the budget.
 
+    `reserved` tokens of the budget are held back for a context block placed before the turns.
     Returns the body's token ids and segment ids (1 on response B, 0 elsewhere), without specials or cue.
     """
-    budget = config.max_length - markers.n_reserved
+    budget = config.max_length - markers.n_reserved - reserved
     kept: list[tuple[list[int], list[int]]] = []
     remaining = budget
     for turn_index in range(len(turns) - 1, -1, -1):
@@ -188,9 +194,10 @@ class PairEncoder:
         responses_a: Sequence[Sequence[str]],
         responses_b: Sequence[Sequence[str]],
         swap: bool = False,
+        contexts: Sequence[Sequence[int]] | None = None,
     ) -> list[list[int]]:
         """Token ids per row; `swap=True` encodes each row with A and B exchanged."""
-        return self.encode_with_segments(prompts, responses_a, responses_b, swap)[0]
+        return self.encode_with_segments(prompts, responses_a, responses_b, swap, contexts)[0]
 
     def encode_with_segments(
         self,
@@ -198,29 +205,48 @@ class PairEncoder:
         responses_a: Sequence[Sequence[str]],
         responses_b: Sequence[Sequence[str]],
         swap: bool = False,
+        contexts: Sequence[Sequence[int]] | None = None,
     ) -> tuple[list[list[int]], list[list[int]]]:
-        """Token ids and segment ids per row (specials get segment 0)."""
+        """Token ids and segment ids per row (specials get segment 0).
+
+        `contexts` are token ids put before each row's turns as they are (segment 0), e.g. the neighbour block
+        of app/retrieval.py; the turns get the budget minus the context's length (rule 0 of the policy).
+        """
+        if contexts is not None and len(contexts) != len(prompts):
+            raise ValueError(f"got {len(contexts)} contexts for {len(prompts)} rows; pass one per row (or None)")
         if swap:
             responses_a, responses_b = responses_b, responses_a
-        # Tokenize every text of the batch in one call (fast tokenizers parallelise it), then regroup.
-        flat: list[str] = []
-        shapes: list[int] = []
-        for prompt, response_a, response_b in zip(prompts, responses_a, responses_b, strict=True):
-            n_turns = max(len(prompt), len(response_a), len(response_b))
-            shapes.append(n_turns)
-            for turns in (prompt, response_a, response_b):
-                flat.extend(turns[t] if t < len(turns) else "" for t in range(n_turns))
-        ids = self.tokenizer(flat, add_special_tokens=False, verbose=False)["input_ids"] if flat else []
-        encoded, segments, cursor = [], [], 0
-        for n_turns in shapes:
-            prompt_ids = ids[cursor : cursor + n_turns]
-            a_ids = ids[cursor + n_turns : cursor + 2 * n_turns]
-            b_ids = ids[cursor + 2 * n_turns : cursor + 3 * n_turns]
-            cursor += 3 * n_turns
-            body, body_segments = assemble(list(zip(prompt_ids, a_ids, b_ids)), self.markers, self.config)
-            encoded.append(self.markers.prefix + body + self.markers.closing)
-            segments.append([0] * len(self.markers.prefix) + body_segments + [0] * len(self.markers.closing))
+        encoded, segments = [], []
+        for row, turns in enumerate(tokenize_turns(self.tokenizer, prompts, responses_a, responses_b)):
+            context = list(contexts[row]) if contexts is not None else []
+            if self.config.max_length - self.markers.n_reserved - len(context) < self.markers.per_turn:
+                raise ValueError(f"row {row}: its {len(context)}-token context leaves no room for its texts within "
+                                 f"format.max_length={self.config.max_length}; give the context fewer tokens")
+            body, body_segments = assemble(turns, self.markers, self.config, reserved=len(context))
+            encoded.append(self.markers.prefix + context + body + self.markers.closing)
+            segments.append([0] * (len(self.markers.prefix) + len(context)) + body_segments
+                            + [0] * len(self.markers.closing))
         return encoded, segments
+
+
+def tokenize_turns(tokenizer: Tokenizer, prompts: Sequence[Sequence[str]], responses_a: Sequence[Sequence[str]],
+                   responses_b: Sequence[Sequence[str]]) -> list[list[tuple[list[int], list[int], list[int]]]]:
+    """Per row, its (prompt, A, B) token ids turn by turn (a missing turn is empty), every text of the batch
+    tokenized in one call (fast tokenizers parallelise it), without special tokens."""
+    flat: list[str] = []
+    shapes: list[int] = []
+    for prompt, response_a, response_b in zip(prompts, responses_a, responses_b, strict=True):
+        n_turns = max(len(prompt), len(response_a), len(response_b))
+        shapes.append(n_turns)
+        for turns in (prompt, response_a, response_b):
+            flat.extend(turns[t] if t < len(turns) else "" for t in range(n_turns))
+    ids = tokenizer(flat, add_special_tokens=False, verbose=False)["input_ids"] if flat else []
+    rows, cursor = [], 0
+    for n_turns in shapes:
+        prompt_ids, a_ids, b_ids = (ids[cursor + i * n_turns : cursor + (i + 1) * n_turns] for i in range(3))
+        rows.append(list(zip(prompt_ids, a_ids, b_ids)))
+        cursor += 3 * n_turns
+    return rows
 
 
 def build_pair_encoder(tokenizer: Tokenizer, config: Config) -> PairEncoder:

@@ -10,16 +10,12 @@ import torch
 
 from app.batching import token_budget_batches
 from app.formatting import SWAPPED_LABEL, build_pair_encoder
-from app.metrics import softmax
+from app.metrics import combine_views, softmax
 from app.modeling import autocast, autocast_dtype, forward_batch, load_checkpoint, read_checkpoint_meta
+from app.retrieval import load_augmenter
 
 if TYPE_CHECKING:
     from app.classical import ClassicalPredictor
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
 class Predictor:
@@ -33,6 +29,8 @@ class Predictor:
         loaded = load_checkpoint(checkpoint_dir, self.device)
         self.model, self.config, self.meta = loaded.model, loaded.config, loaded.meta
         self.encoder = build_pair_encoder(loaded.tokenizer, self.config)  # the training truncation policy and cue
+        # retrieval.enabled: the neighbour blocks of new rows, from the index in the checkpoint's retrieval/
+        self.augmenter = load_augmenter(checkpoint_dir, loaded.tokenizer, self.config)
         self.pad_id = loaded.tokenizer.pad_token_id
         self.tokens_per_batch = tokens_per_batch
         self.amp_dtype = autocast_dtype(precision, self.device)
@@ -49,23 +47,28 @@ class Predictor:
         return logits
 
     def predict_logits(self, prompts: Sequence[Sequence[str]], responses_a: Sequence[Sequence[str]],
-                       responses_b: Sequence[Sequence[str]], tta_swap: bool = False) -> np.ndarray:
+                       responses_b: Sequence[Sequence[str]], tta_swap: bool = False,
+                       tta_combine: str = "logit") -> np.ndarray:
         """(N, 3) class logits (what out-of-fold files and ensembles store).
 
-        With `tta_swap` they are the mean of both views' log-probabilities (A/B columns of the swapped view
-        put back): softmax of that is the normalised geometric mean of the two views' probabilities.
+        With `tta_swap`, both views merged by `app.metrics.combine_views` (A/B columns of the swapped view put
+        back): `tta_combine="logit"` averages their log-probabilities, "prob" their probabilities.
         """
-        logits = self.logits_of(*self.encoder.encode_with_segments(prompts, responses_a, responses_b))
+        contexts = None if self.augmenter is None else self.augmenter.contexts(prompts, responses_a, responses_b)
+        logits = self.logits_of(*self.encoder.encode_with_segments(prompts, responses_a, responses_b,
+                                                                   contexts=contexts))
         if not tta_swap:
             return logits
-        swapped = self.logits_of(*self.encoder.encode_with_segments(prompts, responses_a, responses_b, swap=True))
-        return (log_softmax(logits) + log_softmax(swapped)[:, list(SWAPPED_LABEL)]) / 2
+        swapped = self.logits_of(*self.encoder.encode_with_segments(prompts, responses_a, responses_b, swap=True,
+                                                                    contexts=contexts))
+        return combine_views(logits, swapped[:, list(SWAPPED_LABEL)], tta_combine)
 
     def predict(self, prompts: Sequence[Sequence[str]], responses_a: Sequence[Sequence[str]],
-                responses_b: Sequence[Sequence[str]], tta_swap: bool = False) -> np.ndarray:
+                responses_b: Sequence[Sequence[str]], tta_swap: bool = False,
+                tta_combine: str = "logit") -> np.ndarray:
         """(N, 3) probabilities of A wins, B wins, tie: softmax of `predict_logits`, so single checkpoints,
-        ensemble specs and Serve combine the two TTA views by one rule (the mean of log-probabilities)."""
-        return softmax(self.predict_logits(prompts, responses_a, responses_b, tta_swap=tta_swap))
+        ensemble specs and Serve combine the two TTA views by one rule."""
+        return softmax(self.predict_logits(prompts, responses_a, responses_b, tta_swap, tta_combine))
 
 
 def load_predictor(checkpoint_dir: str, tokens_per_batch: int = 8192, device: str | None = None,

@@ -3,7 +3,10 @@
 Workers receive the config as a plain dict and rebuild everything they need. Rows arrive already
 tokenized (both A/B orders) from Ray Data, sharded across workers with equal row counts, so every
 worker takes the same number of steps. Optimizer steps go through a `Stepper` (app/engine.py): plain
-DDP, or a DeepSpeed ZeRO engine.
+DDP, or a DeepSpeed ZeRO engine. `app.batching.micro_batches` cuts each window into micro-batches of
+`train.batch_size` sequences: rows in a random A/B order (`train.swap_mode=random`) or each pair in both
+orders (`symmetric`). With `distill.teacher` the rows carry the teacher's probabilities, swapped with them,
+and the loss mixes in the distillation term (app/distillation.py).
 
 Resume: every checkpoint holds, besides the inference export (rank 0), each rank's progress (epoch,
 optimizer step, micro-batches done in the epoch, torch RNG, the epoch's running sums, history) and the
@@ -31,10 +34,11 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from app.batching import length_grouped_batches, token_budget_batches
+from app.batching import MicroBatch, micro_batches, pairs_per_micro_batch, token_budget_batches
 from app.config import Config, validate_config
 from app.engine import Stepper, build_stepper
-from app.formatting import SWAPPED_LABEL
+from app.distillation import distillation_loss
+from app.families import class_loss
 from app.metrics import score, softmax
 from app.modeling import autocast, build_model, build_tokenizer, forward_batch, save_checkpoint
 
@@ -56,14 +60,6 @@ def batches_per_epoch(n_rows: int, batch_size: int, group_batches: int) -> int:
     window = batch_size * group_batches
     full, rest = divmod(n_rows, window)
     return full * group_batches + math.ceil(rest / batch_size)
-
-
-def choose_rows(swap: np.ndarray, plain: np.ndarray, swapped: np.ndarray) -> np.ndarray:
-    """Per row, the swapped encoding where `swap` is set; an object array of 1-D rows (ragged or not)."""
-    out = np.empty(len(swap), dtype=object)
-    for index, use_swapped in enumerate(swap):
-        out[index] = swapped[index] if use_swapped else plain[index]
-    return out
 
 
 @dataclass
@@ -93,6 +89,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, float]]
     config = validate_config(loop_config["config"], "worker config")
     rows_per_worker: int = loop_config["rows_per_worker"]
     checkpoint_meta: dict[str, Any] = loop_config.get("checkpoint_meta") or {}
+    # files every exported checkpoint carries besides the model, e.g. the retrieval index (app/retrieval.py)
+    checkpoint_files: dict[str, bytes] = loop_config.get("checkpoint_files") or {}
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     if config.deepspeed.enabled:
@@ -105,7 +103,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, float]]
     ray.data.DataContext.get_current().enable_progress_bars = False  # bars flood job logs; epochs print their own
 
     tokenizer = build_tokenizer(config)
-    micro_per_epoch = batches_per_epoch(rows_per_worker, config.train.batch_size, config.train.length_group_batches)
+    pairs_per_micro = pairs_per_micro_batch(config.train.batch_size, config.train.swap_mode)
+    micro_per_epoch = batches_per_epoch(rows_per_worker, pairs_per_micro, config.train.length_group_batches)
     steps_per_epoch = math.ceil(micro_per_epoch / config.train.grad_accum_steps)
     total_steps = min(config.train.epochs * steps_per_epoch, config.train.max_steps or 10**12)
     progress = Progress()
@@ -120,7 +119,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, float]]
                     print(f"resumed at epoch {progress.epoch} step {progress.step} "
                           f"(micro-batch {progress.micro} of the epoch)", flush=True)
             run_epochs(config, stepper, tokenizer.pad_token_id, progress, micro_per_epoch, total_steps, device,
-                       rank, world, tokenizer, checkpoint_meta)
+                       rank, world, tokenizer, checkpoint_meta, checkpoint_files)
         finally:
             stepper.close()
     return progress.history
@@ -128,11 +127,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, float]]
 
 def run_epochs(config: Config, stepper: Stepper, pad_id: int, progress: Progress, micro_per_epoch: int,
                total_steps: int, device: torch.device, rank: int, world: int, tokenizer,
-               checkpoint_meta: dict[str, Any]) -> None:
+               checkpoint_meta: dict[str, Any], checkpoint_files: dict[str, bytes] | None = None) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     valid_data = ray.train.get_dataset_shard("valid")
     model = stepper.model
-    window_rows = config.train.batch_size * config.train.length_group_batches
+    pairs_per_micro = pairs_per_micro_batch(config.train.batch_size, config.train.swap_mode)
+    window_rows = pairs_per_micro * config.train.length_group_batches  # pairs read per length-grouping window
     every = config.train.checkpoint_every_steps
     for epoch in range(progress.epoch, config.train.epochs):
         if progress.step >= total_steps:
@@ -149,12 +149,8 @@ def run_epochs(config: Config, stepper: Stepper, pad_id: int, progress: Progress
             local_shuffle_buffer_size=window_rows, local_shuffle_seed=config.seed + epoch * 7919 + rank,
         )
         for window in windows:
-            swap = rng.random(len(window["label"])) < config.train.swap_prob
-            sequences = choose_rows(swap, window["input_ids"], window["input_ids_swapped"])
-            segments = choose_rows(swap, window["segment_ids"], window["segment_ids_swapped"])
-            labels = np.where(swap, np.take(SWAPPED_LABEL, window["label"]), window["label"])
-            lengths = [len(s) for s in sequences]
-            for batch in length_grouped_batches(lengths, config.train.batch_size, config.train.length_group_batches, rng):
+            for batch in micro_batches(window, config.train.batch_size, config.train.length_group_batches,
+                                       config.train.swap_mode, config.train.swap_prob, rng):
                 micro += 1
                 if micro <= skip:
                     continue
@@ -163,14 +159,14 @@ def run_epochs(config: Config, stepper: Stepper, pad_id: int, progress: Progress
                 boundary = micro % config.train.grad_accum_steps == 0 or micro == micro_per_epoch
                 with stepper.accumulate(boundary):
                     with autocast(device, stepper.amp_dtype):
-                        logits, attention_mask = forward_batch(model, sequences[batch], segments[batch], pad_id, device)
-                    loss = torch.nn.functional.cross_entropy(logits.float(), torch.from_numpy(labels[batch]).to(device))
+                        logits, attention_mask = forward_batch(model, batch.sequences, batch.segments, pad_id, device)
+                    loss = training_loss(logits.float(), batch, config, device)
                     stepper.backward(loss, boundary)
                 progress.micro = micro
                 progress.loss_sum, progress.loss_count = progress.loss_sum + loss.item(), progress.loss_count + 1
                 progress.real_tokens += int(attention_mask.sum())
                 progress.padded_tokens += attention_mask.size
-                progress.rows_seen += len(batch)
+                progress.rows_seen += len(batch.labels)  # sequences: a symmetric batch counts each pair twice
                 if not boundary:
                     continue
                 stepper.step()
@@ -190,9 +186,22 @@ def run_epochs(config: Config, stepper: Stepper, pad_id: int, progress: Progress
         metrics.update({f"valid_{name}": value for name, value in valid_metrics.items()})
         progress.history.append(metrics)
         progress.micro = micro_per_epoch  # the epoch is done: a resume starts the next one
-        report(metrics, stepper, tokenizer, config, progress, rank, export=True, meta=checkpoint_meta)
+        report(metrics, stepper, tokenizer, config, progress, rank, export=True, meta=checkpoint_meta,
+               files=checkpoint_files)
         progress.micro = 0
         progress.epoch = epoch + 1
+
+
+def training_loss(logits: torch.Tensor, batch: MicroBatch, config: Config, device: torch.device) -> torch.Tensor:
+    """The loss of a micro-batch's (B, 3) logits: `class_loss` on its labels, mixed with the distillation term
+    on the teacher's probabilities when `distill.teacher` is set."""
+    labels = torch.from_numpy(batch.labels).to(device)
+    hard_loss = class_loss(logits, labels, config.model.lm_loss)
+    if config.distill.teacher is None:
+        return hard_loss
+    assert batch.soft_labels is not None, "app.training attaches the teacher's probabilities to every training row"
+    return distillation_loss(logits, labels, torch.from_numpy(batch.soft_labels).to(device),
+                             config.distill.temperature, config.distill.alpha, hard_loss=hard_loss)
 
 
 def train_metrics(progress: Progress, world: int) -> dict[str, float]:
@@ -263,15 +272,20 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def report(metrics: dict[str, float], stepper: Stepper, tokenizer, config: Config, progress: Progress, rank: int,
-           export: bool, meta: dict[str, Any] | None = None) -> None:
+           export: bool, meta: dict[str, Any] | None = None, files: dict[str, bytes] | None = None) -> None:
     """Every rank reports a checkpoint holding its progress and stepper state; Ray Train merges them into one
-    folder. At the end of an epoch (`export`) rank 0 adds the inference export (weights, tokenizer, arena.json)."""
+    folder. At the end of an epoch (`export`) rank 0 adds the inference export (weights, tokenizer, arena.json)
+    and `files` (relative path -> content)."""
     name = f"epoch_{progress.epoch:03d}" + ("" if export else f"_step_{progress.step:06d}")
     state_dict = stepper.export_state_dict() if export else None  # a collective under ZeRO-3: every rank calls it
     with tempfile.TemporaryDirectory() as directory:
         if export and rank == 0:
             save_checkpoint(directory, unwrap(stepper.model), tokenizer, config, metrics, progress.epoch,
                             state_dict=state_dict, meta=meta)
+            for relative, content in (files or {}).items():
+                os.makedirs(os.path.dirname(os.path.join(directory, relative)), exist_ok=True)
+                with open(os.path.join(directory, relative), "wb") as handle:
+                    handle.write(content)
         stepper.save_state(directory, rank)
         torch.save({"progress": asdict(progress), "torch_rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},

@@ -72,6 +72,11 @@ class Precision:
     trainable: int  # trained parameters, their gradients and torch AdamW's moments
     activation: int  # activations saved for the backward pass
     autocast_copies: bool  # fp32 weights cast to 16 bit in every matmul (torch.autocast)
+    residual: int = 0  # the residual stream's width where it differs from `activation` (0 = the same)
+
+    @property
+    def residual_width(self) -> int:
+        return self.residual or self.activation
 
 
 def resolve_precision(config: Config, device: torch.device, notes: list[str]) -> Precision:
@@ -92,11 +97,17 @@ def resolve_precision(config: Config, device: torch.device, notes: list[str]) ->
         weight = train  # the engine casts the module; fp32 masters live in the optimizer
     weight_bytes, train_bytes = DTYPE_BYTES[weight], DTYPE_BYTES[train]
     adapters_fp32 = config.adapter.method != "full" and not (config.deepspeed.enabled and train != "fp32")
+    # QLoRA outside ZeRO-3: prepare_model_for_kbit_training upcasts the embeddings (and norms) to fp32, so the
+    # residual stream is fp32, and bitsandbytes' 4-bit linears return their input's dtype: the MLP's saved
+    # tensors and the blocks' inputs are fp32 (measured on an H200, docs/BENCHMARKS.md "GPU ... QLoRA").
+    fp32_residual = config.adapter.method == "qlora" and not (config.deepspeed.enabled and config.deepspeed.stage == 3)
+    activation = min(weight_bytes, train_bytes)
     return Precision(  # peft keeps LoRA weights in fp32 on a 16-bit base (autocast_adapter_dtype)
         weight=weight_bytes,
         trainable=4 if adapters_fp32 else weight_bytes,
-        activation=min(weight_bytes, train_bytes),
+        activation=activation,
         autocast_copies=train_bytes == 2 and weight_bytes == 4 and not config.deepspeed.enabled,
+        residual=4 if fp32_residual and activation < 4 else 0,
     )
 
 
@@ -149,9 +160,14 @@ def block_activation_bytes(arch: Architecture, block: Block, tokens: int, seq: i
         saved += len(targeted) * group_tokens * lora_r * width
         if lora_dropout:
             saved += len(targeted) * group_tokens * features * (width + mask_width)
+        # peft's fp32 LoRA weights under 16-bit autocast: each layer casts its input up, and its lora_A product
+        # saves its own 16-bit copy of it (measured on an H200 with adapter.dropout=0, docs/BENCHMARKS.md)
+        copies_per_layer = bool(targeted) and not lora_dropout and precision.trainable == 4 and width == 2
+        if copies_per_layer:
+            saved += len(targeted) * group_tokens * features * width
         # the encoder output is counted once by the caller; a fused kernel saves its output itself
         shared_elsewhere = group == "encoder-output" or (fused and layers[0].attention_output)
-        if not shared_elsewhere and (trains_weights or (targeted and not lora_dropout)):
+        if not shared_elsewhere and (trains_weights or (targeted and not lora_dropout and not copies_per_layer)):
             saved += group_tokens * features * width
     norm_bytes = 4 if arch.rms_norm else width
     if arch.rms_norm and trains_weights:
@@ -176,7 +192,7 @@ def block_activation_bytes(arch: Architecture, block: Block, tokens: int, seq: i
             dropout = arch.attention_dropout > 0
             saved += score_elements * (width + upcast + (mask_width + width if dropout else 0))
             largest = max(largest, score_elements * width)
-    saved += tokens * arch.intermediate * width * (3 if arch.gated_mlp else 1)
+    saved += tokens * arch.intermediate * precision.residual_width * (3 if arch.gated_mlp else 1)
     if arch.hidden_dropout > 0:
         saved += 2 * tokens * arch.hidden * mask_width
     return saved, largest
@@ -242,7 +258,8 @@ def _activation_bytes(config: Config, arch: Architecture, precision: Precision, 
             outer += rows * seq * arch.hidden * width  # the encoder output repeated per label, read by cross-attention
         outer += decoder_tokens * arch.vocab * (width + 4)  # logits and their fp32 log-softmax
     if config.model.gradient_checkpointing:  # each block keeps its input; one block is recomputed at a time
-        blocks = sum(block.count * block_tokens * arch.hidden * width for block, _, block_tokens in stacks)
+        blocks = sum(block.count * block_tokens * arch.hidden * precision.residual_width
+                     for block, _, block_tokens in stacks)
         blocks += max(saved for _, saved, _ in stacks)
     else:
         blocks = sum(block.count * saved for block, saved, _ in stacks)

@@ -13,6 +13,27 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=1, keepdims=True)
 
 
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax of (N, C) logits, computed in float64."""
+    shifted = np.asarray(logits, dtype=np.float64)
+    shifted = shifted - shifted.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def combine_views(plain: np.ndarray, swapped_back: np.ndarray, how: str = "logit") -> np.ndarray:
+    """(N, C) logits of two test-time views of the same rows (the swapped view's columns already put back).
+
+    how="logit": the mean of the views' log-probabilities (softmax of it is their normalised geometric mean);
+    how="prob":  the log of the mean of their probabilities (arithmetic mean, less sharp where views disagree).
+    """
+    views = np.stack([log_softmax(plain), log_softmax(swapped_back)])  # (2, N, C)
+    if how == "logit":
+        return views.mean(axis=0)
+    if how == "prob":
+        return np.log(np.exp(views).mean(axis=0))
+    raise ValueError(f"how must be 'logit' or 'prob', got {how!r}")
+
+
 def log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
     """Multi-class log loss with Kaggle's eps='auto' handling.
 

@@ -14,11 +14,10 @@ import ray.train
 
 from app.config import PredictConfig
 from app.data import load_pairs, write_submission
-from app.ensemble import EnsembleSpec, apply_spec_to_member_logits, load_spec
+from app.ensemble import EnsembleSpec, apply_spec_to_member_logits, finish_probabilities, load_spec
 from app.inference import load_predictor
 from app.metrics import score
 from app.modeling import read_checkpoint_meta
-from app.priors import shift_priors
 
 ROWS_PER_TASK = 512  # rows handed to an actor at once; each actor sorts them by length
 
@@ -48,14 +47,14 @@ class PredictBatch:
 
     def __init__(self, checkpoint_dir: str, config: dict, output: Literal["probs", "logits"] = "probs") -> None:
         predict = PredictConfig.model_validate(config)
-        self.tta_swap, self.output = predict.tta_swap, output
+        self.tta_swap, self.tta_combine, self.output = predict.tta_swap, predict.tta_combine, output
         self.predictor = load_predictor(checkpoint_dir, predict.tokens_per_batch, num_threads=max(1, int(predict.cpus_per_actor)),
                                         precision=predict.precision)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         texts = [list(map(list, batch[column])) for column in ("prompt", "response_a", "response_b")]
         score = self.predictor.predict_logits if self.output == "logits" else self.predictor.predict
-        return {"row": batch["row"], "values": score(*texts, tta_swap=self.tta_swap)}
+        return {"row": batch["row"], "values": score(*texts, tta_swap=self.tta_swap, tta_combine=self.tta_combine)}
 
 
 def score_rows(checkpoint: str, frame: pd.DataFrame, config: PredictConfig,
@@ -84,27 +83,34 @@ def predict_with_spec(spec: EnsembleSpec, frame: pd.DataFrame, config: PredictCo
     return apply_spec_to_member_logits(spec, member_logits)
 
 
-def with_predict_priors(spec: EnsembleSpec, config: PredictConfig) -> EnsembleSpec:
-    """The spec with `predict.priors` (and `predict.train_priors`) in place of its own, when they are set."""
-    if config.priors is None:
-        return spec
+def with_predict_options(spec: EnsembleSpec, config: PredictConfig) -> EnsembleSpec:
+    """The spec with the test-time settings of `predict` (priors, train_priors, temperature, smoothing) in place
+    of its own, where they are set; the spec itself when none is."""
+    update: dict = {key: getattr(config, key) for key in ("temperature", "smoothing") if getattr(config, key) is not None}
+    if config.priors is not None:
+        update["priors"] = config.priors
     train_priors = config.train_priors or spec.train_priors
-    if train_priors is None:
-        raise ValueError("predict.priors needs the class shares the members were trained on: the spec has no "
-                         "train_priors; set predict.train_priors=[pA,pB,pTie]")
-    return spec.model_copy(update={"priors": config.priors, "train_priors": tuple(train_priors)})
+    if train_priors is None and (config.priors is not None or (config.smoothing and update.get("priors", spec.priors) is None)):
+        raise ValueError("predict.priors / predict.smoothing need the class shares the members were trained on: the "
+                         "spec has no train_priors; set predict.train_priors=[pA,pB,pTie]")
+    if not update:
+        return spec
+    if train_priors is not None:
+        update["train_priors"] = tuple(train_priors)
+    return EnsembleSpec.model_validate({**spec.model_dump(), **update})
 
 
-def shift_checkpoint_priors(probs: np.ndarray, checkpoint_dir: str, config: PredictConfig) -> np.ndarray:
-    """`predict.priors` applied to one checkpoint's probabilities, from the class shares it was trained on
-    (`predict.train_priors`, else its arena.json's `train_priors`)."""
-    if config.priors is None:
+def finish_checkpoint_probabilities(probs: np.ndarray, checkpoint_dir: str, config: PredictConfig) -> np.ndarray:
+    """`predict.temperature`, `predict.priors` and `predict.smoothing` applied to one checkpoint's probabilities
+    (`app.ensemble.finish_probabilities`), from the class shares it was trained on (`predict.train_priors`, else
+    its arena.json's `train_priors`)."""
+    if config.priors is None and not config.smoothing and config.temperature in (None, 1.0):
         return probs
     train_priors = config.train_priors or read_checkpoint_meta(checkpoint_dir)[0].get("train_priors")
-    if train_priors is None:
-        raise ValueError(f"predict.priors needs the class shares {checkpoint_dir} was trained on, and its arena.json "
-                         "has none (it predates them); set predict.train_priors=[pA,pB,pTie]")
-    return shift_priors(probs, train_priors, config.priors)
+    if train_priors is None and (config.priors is not None or config.smoothing):
+        raise ValueError(f"predict.priors / predict.smoothing need the class shares {checkpoint_dir} was trained on, "
+                         "and its arena.json has none (it predates them); set predict.train_priors=[pA,pB,pTie]")
+    return finish_probabilities(probs, config.temperature or 1.0, config.priors, train_priors, config.smoothing or 0.0)
 
 
 def is_spec_path(path: str) -> bool:
@@ -123,9 +129,10 @@ def predict_file(checkpoint: str, input_uri: str, output_uri: str, config: Predi
     if table.n_rejected:
         print(f"predict: {table.n_rejected} bad rows are NOT in the submission; see {table.rejects_path}", flush=True)
     if is_spec_path(checkpoint):
-        probs = predict_with_spec(with_predict_priors(load_spec(checkpoint), config), table.frame, config)
+        probs = predict_with_spec(with_predict_options(load_spec(checkpoint), config), table.frame, config)
     else:
-        probs = shift_checkpoint_priors(score_rows(checkpoint, table.frame, config), local_checkpoint(checkpoint), config)
+        probs = finish_checkpoint_probabilities(score_rows(checkpoint, table.frame, config),
+                                                local_checkpoint(checkpoint), config)
     write_submission(list(table.frame["id"]), probs, output_uri)
     metrics = score(probs, table.frame["label"].to_numpy()) if table.has_labels else {}
     return PredictionReport(output_uri, len(table.frame), time.perf_counter() - started, metrics, table.n_rejected)

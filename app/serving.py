@@ -183,12 +183,12 @@ def build_serving_plan(raw: Mapping[str, Any] | ServeArgs) -> ServingPlan:
     Raises:
         ServeArgsError, ConfigError, EnsembleSpecError, FileNotFoundError: each naming what is wrong.
     """
-    from app.prediction import is_spec_path, with_predict_priors
+    from app.prediction import is_spec_path, with_predict_options
 
     args = load_serve_args(raw)
     predict = load_config(args.config, list(args.overrides)).predict
     spec = load_spec(args.model) if is_spec_path(args.model) else spec_for_checkpoint(args.model)
-    spec = with_predict_priors(spec, predict)
+    spec = with_predict_options(spec, predict)
     for member in spec.members:
         if "://" not in member.checkpoint and not os.path.isdir(member.checkpoint):
             raise FileNotFoundError(f"member '{member.name}': checkpoint folder not found: {member.checkpoint}")
@@ -525,6 +525,7 @@ class MemberScorer:
                  predictor: Any = None) -> None:
         """`predictor` replaces the one loaded from `checkpoint` (tests)."""
         self.name, self.checkpoint, self.settings = name, checkpoint, settings
+        self.tta_combine = predict.tta_combine
         if predictor is None:
             from app.inference import load_predictor
             from app.prediction import local_checkpoint
@@ -561,7 +562,7 @@ class MemberScorer:
                 continue
             columns = zip(*(chunks[i].pairs.texts() for i in indices))  # per column: each chunk's rows
             logits = self.predictor.predict_logits(*([row for part in column for row in part] for column in columns),
-                                                   tta_swap=tta_swap)
+                                                   tta_swap=tta_swap, tta_combine=self.tta_combine)
             cursor = 0
             for i in indices:
                 results[i] = logits[cursor : cursor + len(chunks[i].pairs)]

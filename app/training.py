@@ -17,10 +17,13 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from app.classical import fit_classical
 from app.config import Config, ConfigError, config_to_dict
 from app.data import assign_folds, load_pairs, prompt_group_key
+from app.distillation import TEACHER_COLUMNS, attach_teacher, load_teacher
 from app.formatting import build_pair_encoder
 from app.loop import train_loop_per_worker
+from app.metrics import log_loss
 from app.modeling import build_tokenizer
 from app.priors import class_frequencies
+from app.retrieval import BlockBuilder, JudgedPairs, plan_retrieval
 from app.synthetic import write_builtin_dataset
 
 ENCODE_BATCH_ROWS = 256
@@ -70,25 +73,36 @@ def split_train_valid(frame: pd.DataFrame, config: Config) -> tuple[pd.DataFrame
 
 
 class EncodeBatch:
-    """Ray Data map_batches callable: rows -> token ids in both A/B orders (tokenizer loaded once per actor)."""
+    """Ray Data map_batches callable: rows -> token ids in both A/B orders (tokenizer loaded once per actor),
+    and the teacher's (N, 3) probabilities as `teacher_probs` when the rows carry them (`TEACHER_COLUMNS`).
 
-    def __init__(self, config_dict: dict[str, Any]) -> None:
+    With `pairs` (retrieval) each row's `neighbours` column (positions into `pairs`) becomes the neighbour block
+    in front of it, in both A/B orders (app/retrieval.py)."""
+
+    def __init__(self, config_dict: dict[str, Any], pairs: JudgedPairs | None = None) -> None:
         from app.config import validate_config
 
         config = validate_config(config_dict, "encode config")
-        self.encoder = build_pair_encoder(build_tokenizer(config), config)
+        tokenizer = build_tokenizer(config)
+        self.encoder = build_pair_encoder(tokenizer, config)
+        self.blocks = None if pairs is None else BlockBuilder(tokenizer, pairs, config.retrieval.max_tokens,
+                                                              config.format.head_fraction)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         texts = [list(map(list, batch[column])) for column in ("prompt", "response_a", "response_b")]
-        encoded, segments = self.encoder.encode_with_segments(*texts)
-        swapped, swapped_segments = self.encoder.encode_with_segments(*texts, swap=True)
-        return {
+        contexts = None if self.blocks is None else self.blocks.blocks(np.stack(list(batch["neighbours"])))
+        encoded, segments = self.encoder.encode_with_segments(*texts, contexts=contexts)
+        swapped, swapped_segments = self.encoder.encode_with_segments(*texts, swap=True, contexts=contexts)
+        encoded_rows = {
             "input_ids": _ragged(encoded),
             "segment_ids": _ragged(segments, np.int8),
             "input_ids_swapped": _ragged(swapped),
             "segment_ids_swapped": _ragged(swapped_segments, np.int8),
             "label": batch["label"].astype(np.int64),
         }
+        if TEACHER_COLUMNS[0] in batch:
+            encoded_rows["teacher_probs"] = np.stack([batch[column] for column in TEACHER_COLUMNS], axis=1)  # (N, 3)
+        return encoded_rows
 
 
 def _ragged(sequences: list[list[int]], dtype: type = np.int32) -> np.ndarray:
@@ -97,26 +111,37 @@ def _ragged(sequences: list[list[int]], dtype: type = np.int32) -> np.ndarray:
     return out
 
 
-def encode_dataset(frame: pd.DataFrame, config: Config) -> ray.data.Dataset:
-    """Tokenize rows with Ray Data and materialize them, so training workers only read blocks."""
-    columns = frame[["prompt", "response_a", "response_b", "label"]]
+def encode_dataset(frame: pd.DataFrame, config: Config, neighbours: np.ndarray | None = None,
+                   pairs: JudgedPairs | None = None) -> ray.data.Dataset:
+    """Tokenize rows with Ray Data and materialize them, so training workers only read blocks.
+
+    With retrieval, `neighbours` are the rows' (N, k) positions into `pairs` (app/retrieval.py `plan_retrieval`).
+    """
+    columns = frame[["prompt", "response_a", "response_b", "label",
+                     *(column for column in TEACHER_COLUMNS if column in frame)]]
+    if neighbours is not None:
+        columns = columns.assign(neighbours=list(neighbours))
     dataset = ray.data.from_pandas(columns)
-    dataset = dataset.map_batches(EncodeBatch, fn_constructor_args=(config_to_dict(config),),
+    dataset = dataset.map_batches(EncodeBatch, fn_constructor_args=(config_to_dict(config),
+                                                                    None if pairs is None else pairs.texts_only()),
                                   batch_size=ENCODE_BATCH_ROWS, concurrency=1, num_cpus=1)
     return dataset.materialize()
 
 
 def build_trainer(config: Config, train: ray.data.Dataset, valid: ray.data.Dataset, rows_per_worker: int,
-                  callbacks: list | None = None, train_priors: list[float] | None = None) -> TorchTrainer:
+                  callbacks: list | None = None, train_priors: list[float] | None = None,
+                  checkpoint_files: dict[str, bytes] | None = None) -> TorchTrainer:
     """The TorchTrainer of one run; `train_priors` (class shares of the training rows) go into every
-    checkpoint's arena.json, where predict's class-prior shift reads them."""
+    checkpoint's arena.json, where predict's class-prior shift reads them, and `checkpoint_files` (relative
+    path -> content, e.g. the retrieval index) into every exported checkpoint."""
     scaling = config.scaling
     resources = {"CPU": scaling.cpus_per_worker} | ({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})
     storage = run_directory(config).rsplit("/", 1)[0]
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config_to_dict(config), "rows_per_worker": rows_per_worker,
-                           "checkpoint_meta": {"train_priors": train_priors}},
+                           "checkpoint_meta": {"train_priors": train_priors},
+                           "checkpoint_files": checkpoint_files or {}},
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                                resources_per_worker=resources,
@@ -156,11 +181,39 @@ def fit(config: Config, callbacks: list | None = None) -> FitResult:
     if rows_per_worker < config.train.batch_size:
         raise ValueError(f"{len(train_frame)} training rows give {rows_per_worker} per worker, fewer than "
                          f"train.batch_size={config.train.batch_size}; use more rows or fewer workers")
+    if config.distill.teacher is not None:
+        train_frame = with_teacher(train_frame, config)
     print(f"data: {len(train_frame)} training rows, {len(valid_frame)} validation rows "
           f"(fold {config.data.valid_fold} of {config.data.n_folds}, grouped by prompt)", flush=True)
-    trainer = build_trainer(config, encode_dataset(train_frame, config), encode_dataset(valid_frame, config),
-                            rows_per_worker, callbacks, class_frequencies(train_frame["label"].to_numpy()).tolist())
+    retrieval = None
+    if config.retrieval.enabled:
+        storage = run_dir.rsplit("/", 1)[0]
+        cache_dir = None if "://" in storage else os.path.join(storage, "embedding_cache")
+        retrieval = plan_retrieval(train_frame, valid_frame, config, cache_dir)
+        print(f"retrieval: indexed {len(retrieval.pairs)} training pairs ({config.retrieval.embed} embeddings, "
+              f"{config.retrieval.index} index); {config.retrieval.k} neighbours per row", flush=True)
+    trainer = build_trainer(
+        config,
+        encode_dataset(train_frame, config, *((retrieval.train_neighbours, retrieval.pairs) if retrieval else ())),
+        encode_dataset(valid_frame, config, *((retrieval.valid_neighbours, retrieval.pairs) if retrieval else ())),
+        rows_per_worker, callbacks, class_frequencies(train_frame["label"].to_numpy()).tolist(),
+        checkpoint_files=retrieval.pairs.to_files(config.retrieval) if retrieval else None)
     return summarize_run(trainer.fit(), run_dir, n_rejected)
+
+
+def with_teacher(train_frame: pd.DataFrame, config: Config) -> pd.DataFrame:
+    """The training rows with the out-of-fold probabilities of the teacher `distill.teacher` (app/distillation.py).
+
+    Raises:
+        TeacherError: the teacher cannot be read, or has no prediction for a training row (named by id).
+    """
+    teacher = load_teacher(config.distill.teacher)
+    frame = attach_teacher(train_frame, teacher)
+    teacher_probs = frame[list(TEACHER_COLUMNS)].to_numpy(dtype=np.float64)
+    print(f"distill: teacher {teacher.source}, log loss {log_loss(teacher_probs, frame['label'].to_numpy()):.4f} "
+          f"out of fold on the {len(frame)} training rows; T={config.distill.temperature}, "
+          f"alpha={config.distill.alpha}", flush=True)
+    return frame
 
 
 def summarize_run(result: ray.train.Result, run_dir: str, n_rejected: int) -> FitResult:

@@ -81,7 +81,7 @@ def test_there_are_presets():
 GPU_PRESETS = {"gemma2-9b-qlora-zero2.yaml", "llama3-8b-lora.yaml", "llama3-8b-full-zero3.yaml",
                "deberta-v3-large.yaml", "flan-t5-large.yaml", "qwen2.5-0.5b-lora.yaml"}
 TINY_PRESETS = {"tiny-llama-lora.yaml", "tiny-gemma2-qlora.yaml", "tiny-qwen2-decoder-lm.yaml", "tiny-t5.yaml",
-                "tiny-llama-zero3.yaml"}
+                "tiny-llama-zero3.yaml", "tiny-qwen2-instruct.yaml"}
 # The header line every GPU preset carries, e.g.
 # "# Hardware: 8x NVIDIA A100 40GB, one AWS p4d.24xlarge (cluster.yaml node type gpu-8x-a100)."
 HARDWARE_LINE = re.compile(r"^# Hardware: (?P<count>\d+)x NVIDIA (?P<gpu>\S+) (?P<memory_gb>\d+)GB, .*"

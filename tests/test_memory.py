@@ -278,3 +278,28 @@ def test_evaluation_working_set_is_within_25_percent_of_measured(case):
         model(input_ids=input_ids, attention_mask=attention_mask)
     planned, measured = plan_memory(config).components["evaluation"], tracker.peak - resident
     assert abs(planned / measured - 1) <= 0.25, f"planned {planned / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB"
+
+
+def test_qlora_saves_its_mlp_in_fp32_and_fp32_lora_weights_save_a_copy_per_layer(tiny_llama, llama_architecture):
+    """Two dtype effects measured on an H200 (docs/BENCHMARKS.md, GPU section): QLoRA's fp32 residual stream makes
+    the MLP's saved tensors fp32 (not under ZeRO-3), and without LoRA dropout each fp32-weight LoRA layer saves
+    its own 16-bit copy of its input under autocast."""
+    arch = llama_architecture
+    bf16 = {"scaling.use_gpu": True, "model.dtype": "bf16", "train.precision": "bf16", "train.batch_size": 2}
+    tokens = 2 * llama_config(tiny_llama).format.max_length
+    mlp = tokens * arch.intermediate * (3 if arch.gated_mlp else 1) * arch.encoder.count  # elements, all blocks
+
+    def activations(**overrides):
+        return plan(tiny_llama, arch, world_size=1, **bf16, **overrides).components["activations"]
+
+    lora, qlora = activations(**{"adapter.method": "lora"}), activations(**{"adapter.method": "qlora"})
+    assert qlora - lora == 2 * mlp  # the same tensors, 4 bytes instead of 2
+    # LoRA without dropout: fp32 adapter weights (plain bf16 autocast) against bf16 ones (DeepSpeed casts them)
+    no_dropout = {"adapter.method": "lora", "adapter.dropout": 0.0}
+    fp32_adapters = activations(**no_dropout)
+    bf16_adapters = activations(**no_dropout, **{"deepspeed.enabled": True, "deepspeed.stage": 0})
+    linears = arch.encoder.linears  # all-linear: every linear of a block is a LoRA layer
+    per_group = {layer.group: layer.in_features for layer in linears if not layer.attention_output}  # SDPA saves o's input
+    copies = sum(layer.in_features for layer in linears) - sum(per_group.values())
+    assert copies > 0
+    assert fp32_adapters - bf16_adapters == tokens * 2 * arch.encoder.count * copies

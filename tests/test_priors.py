@@ -85,12 +85,64 @@ def test_shift_priors_reweights_to_given_shares_or_estimates_them():
 def test_predict_priors_need_the_training_shares_and_name_the_setting(tmp_path):
     from app.config import PredictConfig
     from app.ensemble import EnsembleMember, EnsembleReport, EnsembleSpec
-    from app.prediction import with_predict_priors
+    from app.prediction import with_predict_options
 
     spec = EnsembleSpec(members=(EnsembleMember(name="m", checkpoint="c", weight=1.0, temperature=1.0),), mode="prob",
                         report=EnsembleReport(n_rows=10, member_log_loss={"m": 1.0}, ensemble_log_loss=1.0))
-    assert with_predict_priors(spec, PredictConfig()) is spec
+    assert with_predict_options(spec, PredictConfig()) is spec
     with pytest.raises(ValueError, match="predict.train_priors"):
-        with_predict_priors(spec, PredictConfig(priors="em"))
-    shifted = with_predict_priors(spec, PredictConfig(priors="em", train_priors=(0.5, 0.4, 0.1)))
+        with_predict_options(spec, PredictConfig(priors="em"))
+    shifted = with_predict_options(spec, PredictConfig(priors="em", train_priors=(0.5, 0.4, 0.1)))
     assert shifted.priors == "em" and shifted.train_priors == (0.5, 0.4, 0.1)
+
+
+def test_test_time_temperature_priors_and_smoothing_apply_in_order():
+    from app.ensemble import finish_probabilities
+    from app.metrics import softmax
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(50, 3)) * 2
+    probs = softmax(logits)
+    np.testing.assert_allclose(finish_probabilities(probs), probs)
+    np.testing.assert_allclose(finish_probabilities(probs, temperature=2.0), softmax(logits / 2.0), atol=1e-12)
+    train = np.array([0.45, 0.45, 0.10])
+    smoothed = finish_probabilities(probs, smoothing=0.2, train_priors=train)
+    np.testing.assert_allclose(smoothed, 0.8 * probs + 0.2 * train)
+    target = (0.3, 0.3, 0.4)
+    shifted = finish_probabilities(probs, priors=target, train_priors=train, smoothing=0.1)
+    np.testing.assert_allclose(shifted, 0.9 * shift_priors(probs, train, target) + 0.1 * np.array(target))
+    np.testing.assert_allclose(shifted.sum(axis=1), 1.0)
+    with pytest.raises(ValueError, match="train_priors"):
+        finish_probabilities(probs, smoothing=0.1)
+
+
+def test_predict_test_time_options_go_into_the_spec(tmp_path):
+    from app.config import PredictConfig, load_config
+    from app.ensemble import EnsembleMember, EnsembleReport, EnsembleSpec, apply_spec_to_member_logits
+    from app.metrics import softmax
+    from app.prediction import with_predict_options
+
+    spec = EnsembleSpec(members=(EnsembleMember(name="m", checkpoint="c", weight=1.0, temperature=1.0),), mode="prob",
+                        train_priors=(0.4, 0.4, 0.2),
+                        report=EnsembleReport(n_rows=10, member_log_loss={"m": 1.0}, ensemble_log_loss=1.0))
+    config = load_config(None, ["predict.temperature=1.5", "predict.smoothing=0.05", "predict.tta_combine=prob"]).predict
+    tuned = with_predict_options(spec, config)
+    assert (tuned.temperature, tuned.smoothing, tuned.priors) == (1.5, 0.05, None)
+    logits = np.random.default_rng(1).normal(size=(20, 3))
+    expected = 0.95 * softmax(logits / 1.5) + 0.05 * np.array([0.4, 0.4, 0.2])
+    np.testing.assert_allclose(apply_spec_to_member_logits(tuned, [logits]), expected, atol=1e-12)
+    bare = spec.model_copy(update={"train_priors": None})
+    with pytest.raises(ValueError, match="predict.train_priors"):
+        with_predict_options(bare, PredictConfig(smoothing=0.1))
+    assert with_predict_options(bare, PredictConfig(temperature=2.0)).temperature == 2.0
+
+
+def test_tta_views_combine_by_logits_or_probabilities():
+    from app.metrics import combine_views, softmax
+
+    plain, swapped = np.log([[0.9, 0.05, 0.05]]), np.log([[0.1, 0.45, 0.45]])
+    np.testing.assert_allclose(softmax(combine_views(plain, swapped, "prob")), [[0.5, 0.25, 0.25]])
+    geometric = np.sqrt([0.9 * 0.1, 0.05 * 0.45, 0.05 * 0.45])
+    np.testing.assert_allclose(softmax(combine_views(plain, swapped, "logit")), [geometric / geometric.sum()])
+    with pytest.raises(ValueError, match="logit"):
+        combine_views(plain, swapped, "mean")

@@ -285,7 +285,7 @@ class TextModel:
     meta = {"kind": "tfidf_xgb", "versions": {}}
     calls: list[tuple[int, bool]] = []
 
-    def predict_logits(self, prompts, responses_a, responses_b, tta_swap=False):
+    def predict_logits(self, prompts, responses_a, responses_b, tta_swap=False, tta_combine="logit"):
         self.calls.append((len(prompts), tta_swap))
         logits = np.array([[len("".join(a)), len("".join(b)), len("".join(p))]
                            for p, a, b in zip(prompts, responses_a, responses_b)], dtype=float)

@@ -69,6 +69,9 @@ def test_swap_tta_exchanges_a_and_b(tiny_run):
     backward = predictor.predict(prompts, b, a, tta_swap=True)
     np.testing.assert_allclose(forward[:, [1, 0, 2]], backward, atol=1e-6)
     np.testing.assert_allclose(forward.sum(axis=1), 1.0, atol=1e-9)
+    plain, swapped = predictor.predict(prompts, a, b), predictor.predict(prompts, b, a)[:, [1, 0, 2]]
+    np.testing.assert_allclose(predictor.predict(prompts, a, b, tta_swap=True, tta_combine="prob"),
+                               (plain + swapped) / 2, atol=1e-6)
 
 
 def test_predict_file_writes_a_kaggle_submission_in_input_order(tiny_run, tmp_path):
@@ -106,3 +109,8 @@ def test_the_checkpoint_records_its_class_shares_and_predict_shifts_them(tiny_ru
     np.testing.assert_allclose(tie, reweight_to_priors(plain, np.array(meta["train_priors"]), np.array([0.2, 0.2, 0.6])),
                                atol=1e-6)
     assert tie[:, 2].mean() > plain[:, 2].mean()
+    tricks = config.predict.model_copy(update={"temperature": 2.0, "smoothing": 0.1})
+    predict_file(result.best_checkpoint, test, str(tmp_path / "soft.csv"), tricks)
+    soft = pd.read_csv(tmp_path / "soft.csv").iloc[:, 1:].to_numpy()
+    flattened = np.sqrt(plain) / np.sqrt(plain).sum(axis=1, keepdims=True)  # softmax(log p / 2)
+    np.testing.assert_allclose(soft, 0.9 * flattened + 0.1 * np.array(meta["train_priors"]), atol=1e-6)

@@ -1,0 +1,64 @@
+"""Reading out-of-fold member folders (written by `app.crossval.run_cv`): pandas and json only.
+
+The folder format is documented in app/crossval.py. This module holds only the reading side, so that pure
+consumers of members (ensembles, distillation teachers) need neither Ray nor the training code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+OOF_FORMAT = 1
+LOGIT_COLUMNS = ("logit_a", "logit_b", "logit_tie")
+
+
+@dataclass
+class Member:
+    """One member's out-of-fold (and test) logits, read back from its folder."""
+
+    name: str
+    directory: str
+    oof: pd.DataFrame
+    test: pd.DataFrame | None
+    meta: dict
+
+    @property
+    def oof_logits(self) -> np.ndarray:
+        return self.oof[list(LOGIT_COLUMNS)].to_numpy(dtype=np.float64)
+
+    def checkpoints(self) -> list[str]:
+        return [fold["checkpoint"] for fold in self.meta["folds"]]
+
+
+def load_member(directory: str) -> Member:
+    """Read a member folder written by `run_cv`."""
+    meta_path = os.path.join(directory, "member.json")
+    if not os.path.exists(meta_path):
+        raise FileNotFoundError(f"{directory} is not an out-of-fold member folder: it has no member.json "
+                                "(write one with `python -m jobs.cv`)")
+    with open(meta_path, encoding="utf-8") as handle:
+        meta = json.load(handle)
+    if meta.get("format") != OOF_FORMAT:
+        raise ValueError(f"{meta_path}: format {meta.get('format')}, this version reads format {OOF_FORMAT}")
+    oof = pd.read_parquet(os.path.join(directory, "oof.parquet"))
+    test_path = os.path.join(directory, "test.parquet")
+    test = pd.read_parquet(test_path) if os.path.exists(test_path) else None
+    return Member(meta["member"], directory, oof, test, meta)
+
+
+def load_members(directories: list[str]) -> tuple[list[Member], np.ndarray]:
+    """Members aligned on the same rows (sorted by id) and the labels; raises if their rows or folds differ."""
+    members = [load_member(directory) for directory in directories]
+    for member in members:
+        member.oof = member.oof.sort_values("id", kind="stable").reset_index(drop=True)
+    first = members[0].oof
+    for member in members[1:]:
+        if not (member.oof["id"].equals(first["id"]) and member.oof["fold"].equals(first["fold"])):
+            raise ValueError(f"members {members[0].name} and {member.name} were not scored on the same rows and "
+                             "folds: train them with the same data.train_path, data.n_folds and seed")
+    return members, first["label"].to_numpy()
