@@ -197,9 +197,20 @@ def uniform_row(labels: np.ndarray) -> dict:
             "predict_seconds_per_1000_rows": 0.0, "note": "no model"}
 
 
+def class_share_row(member: Member, folds: list[int] | None) -> dict:
+    """The second reference: every row predicted as its fold's training class shares (what a model that
+    ignores the texts can reach), from a trained member's fold checkpoints."""
+    oof = member.oof if folds is None else member.oof[member.oof["fold"].isin(folds)]
+    shares = fold_train_priors(member)
+    probs = np.stack([shares[int(fold)] for fold in oof["fold"]])
+    return {"method": "class shares (reference)", **score(probs, oof["label"].to_numpy()), "rows": len(oof),
+            "train_seconds": 0.0, "predict_seconds_per_1000_rows": 0.0, "note": "the training folds' label shares"}
+
+
 def run_comparison(plan: ComparisonPlan, storage_path: str, extra: Sequence[str] = (),
-                   only: Sequence[str] | None = None) -> pd.DataFrame:
+                   only: Sequence[str] | None = None, report_only: bool = False) -> pd.DataFrame:
     """Run every method (or the `only` ones) and write <storage_path>/comparison.{csv,md}; returns the table.
+    With `report_only`, nothing runs: the member folders already in `storage_path` are tabulated as they are.
 
     Raises:
         ConfigError: an unknown name in `only`, or a method's config is invalid (checked before any run starts).
@@ -209,16 +220,24 @@ def run_comparison(plan: ComparisonPlan, storage_path: str, extra: Sequence[str]
         raise ConfigError(f"--only names no method of the plan: {sorted(unknown)}")
     methods = [method for method in plan.methods if only is None or method.name in only]
     configs = {method.name: method_config(plan, method, storage_path, extra) for method in methods}
-    rows, labels = [], None
+    rows, labels, references = [], None, []
     for method in methods:
         print(f"compare: {method.name} ({method.runner})", flush=True)
-        member, wall_seconds = run_method(method, configs[method.name], plan.folds, storage_path)
+        if report_only:
+            from app.members import load_member
+
+            member = load_member(os.path.join(storage_path, method.name))
+            wall_seconds = float(member.meta.get("wall_seconds") or 0.0)
+        else:
+            member, wall_seconds = run_method(method, configs[method.name], plan.folds, storage_path)
         rows.append(method_row(method, member, plan.folds, wall_seconds, configs[method.name].predict))
         print(f"compare: {method.name}: log loss {rows[-1]['log_loss']:.4f}", flush=True)
         if labels is None:
             oof = member.oof if plan.folds is None else member.oof[member.oof["fold"].isin(plan.folds)]
             labels = oof["label"].to_numpy()
-    table = pd.DataFrame([uniform_row(labels), *rows], columns=list(TABLE_COLUMNS))
+        if not references and method.runner == "cv":
+            references.append(class_share_row(member, plan.folds))
+    table = pd.DataFrame([uniform_row(labels), *references, *rows], columns=list(TABLE_COLUMNS))
     os.makedirs(storage_path, exist_ok=True)
     table.to_csv(os.path.join(storage_path, "comparison.csv"), index=False)
     Path(storage_path, "comparison.md").write_text(render_markdown(table), encoding="utf-8")
@@ -226,8 +245,9 @@ def run_comparison(plan: ComparisonPlan, storage_path: str, extra: Sequence[str]
 
 
 def render_markdown(table: pd.DataFrame) -> str:
-    """The comparison as a Markdown table, best log loss first (the reference row stays on top)."""
-    reference, methods = table.iloc[:1], table.iloc[1:].sort_values("log_loss", kind="stable")
+    """The comparison as a Markdown table, best log loss first (the reference rows stay on top)."""
+    is_reference = table["method"].str.endswith("(reference)")
+    reference, methods = table[is_reference], table[~is_reference].sort_values("log_loss", kind="stable")
 
     def cell(value: object, digits: int) -> str:
         return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.{digits}f}"

@@ -20,12 +20,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plan", required=True, help="comparison plan YAML (methods, folds, common overrides)")
     parser.add_argument("--out", required=True, help="folder for the methods' runs and the table")
     parser.add_argument("--only", help="comma-separated method names to run (default: all)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: tabulate the member folders already in --out")
     parser.add_argument("--address", help="Ray cluster address; default $RAY_ADDRESS or a local Ray")
     parser.add_argument("overrides", nargs="*", help="section.key=value for every method")
     args = parser.parse_args(argv)
     plan = load_plan(args.plan)
-    print(f"ray: {connect(args.address)}", flush=True)
-    table = run_comparison(plan, args.out, args.overrides, args.only.split(",") if args.only else None)
+    if not args.report_only:
+        print(f"ray: {connect(args.address)}", flush=True)
+    table = run_comparison(plan, args.out, args.overrides, args.only.split(",") if args.only else None,
+                           report_only=args.report_only)
     print(table.to_string(index=False), flush=True)
 
 

@@ -102,11 +102,11 @@ def test_a_comparison_runs_methods_on_the_same_fold_and_reuses_fold_runs(ray_ses
                                                "predict.tta_combine=prob"], train_runs="xgb")])
     out = tmp_path / "compare"
     table = run_comparison(plan, str(out))
-    assert table["method"].tolist() == ["uniform (reference)", "xgb", "xgb-tta"]
+    assert table["method"].tolist() == ["uniform (reference)", "class shares (reference)", "xgb", "xgb-tta"]
     assert table["rows"].nunique() == 1  # every method on the same held-out rows
     assert table.loc[0, "log_loss"] == pytest.approx(math.log(3))
-    assert (table.loc[1:, "log_loss"] < math.log(3)).all()  # both learn on the built-in data
-    assert table.loc[1, "train_seconds"] > 0 and table.loc[2, "train_seconds"] == table.loc[1, "train_seconds"]
+    assert (table.loc[2:, "log_loss"] < math.log(3)).all()  # both learn on the built-in data
+    assert table.loc[2, "train_seconds"] > 0 and table.loc[3, "train_seconds"] == table.loc[2, "train_seconds"]
     assert not (out / "xgb-tta-fold0").exists()  # the TTA row scored the xgb fold runs again, trained nothing
     tta = json.loads((out / "xgb-tta" / "member.json").read_text())
     assert tta["tta_swap"] is True and tta["folds"][0]["checkpoint"].startswith(str(out / "xgb-fold0"))
@@ -118,3 +118,6 @@ def test_a_comparison_runs_methods_on_the_same_fold_and_reuses_fold_runs(ray_ses
         update={"overrides": [*plan.methods[1].overrides, "predict.tta_combine=logit"]})]})
     assert finished_member(str(out / "xgb"), method_config(plan, plan.methods[0], str(out)), [0]) is not None
     assert finished_member(str(out / "xgb-tta"), method_config(changed, changed.methods[1], str(out)), [0]) is None
+    reported = run_comparison(plan, str(out), report_only=True)  # tabulates the folders, runs nothing
+    pd.testing.assert_frame_equal(reported.drop(columns=["predict_seconds_per_1000_rows"]),
+                                  table.drop(columns=["predict_seconds_per_1000_rows"]))
