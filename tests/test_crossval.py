@@ -22,7 +22,7 @@ TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 def member(ray_session, tmp_path_factory):
     storage = tmp_path_factory.mktemp("cv")
     config = load_config(TINY, {"run.storage_path": str(storage), "run.name": "minilm", "data.n_folds": 2,
-                                "train.epochs": 1, "train.max_steps": 6, "predict.precision": "fp32",
+                                "data.builtin_rows": 160, "format.max_length": 64, "train.epochs": 1, "train.max_steps": 6, "predict.precision": "fp32",
                                 "run.keep_checkpoints": 1})
     test_path = storage / "holdout.csv"  # a labelled test file
     frame, _ = load_training_rows(config, run_directory(config))  # writes the built-in data
@@ -54,7 +54,7 @@ def write_member_like(source, directory: Path, name: str, logits: np.ndarray) ->
 
 def test_ensemble_favours_the_better_member_and_predict_uses_its_spec(member, tmp_path):
     config, trained, test_path, _ = member
-    # A few steps on 150 rows leave the real member's out-of-fold logits without signal (temperature fitting
+    # A few steps on 80 rows leave the real member's out-of-fold logits without signal (temperature fitting
     # rightly refuses them), so the ensemble is fitted on controlled logits over the member's real rows,
     # folds and checkpoints: "sharp" knows the label, "noisy" is half of sharp and half another row's.
     labels = trained.oof["label"].to_numpy()

@@ -37,7 +37,7 @@ def stop_head(temp_dir: str) -> None:
         if temp_dir in " ".join(process.info["cmdline"] or []):
             mine.append(process)
             process.terminate()
-    _, alive = psutil.wait_procs(mine, timeout=20)
+    _, alive = psutil.wait_procs(mine, timeout=5)
     for process in alive:
         process.kill()
 

@@ -14,7 +14,9 @@ from app.config import ConfigError, load_config
 from app.training import fit
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
-SETTINGS = {"train.checkpoint_every_steps": 5, "run.keep_checkpoints": 1}
+# Few, short rows: what is tested is the bookkeeping of a resumed run, not learning (6 steps an epoch per worker).
+SETTINGS = {"train.checkpoint_every_steps": 5, "run.keep_checkpoints": 1, "data.builtin_rows": 120,
+            "format.max_length": 64}
 TOLERANCE = 1e-3  # on validation log loss: what a resumed run may differ by from an uninterrupted one
 
 
@@ -23,10 +25,12 @@ def tiny_config(storage: Path, name: str, **overrides):
 
 
 def train_workers() -> list[psutil.Process]:
+    """The training workers of this test session's own Ray (its local Ray runs under this process), never
+    those of another Ray on the machine."""
     found = []
-    for process in psutil.process_iter(["cmdline"]):
+    for process in psutil.Process().children(recursive=True):
         try:
-            if any("RayTrainWorker" in part for part in process.info["cmdline"] or []):
+            if any("RayTrainWorker" in part for part in process.cmdline()):
                 found.append(process)
         except psutil.Error:
             continue
