@@ -55,3 +55,39 @@ def test_importing_app_does_no_work(tmp_path):
             "import sys; assert 'ray' not in sys.modules and 'torch' not in sys.modules, sorted(sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_a_training_worker_imports_neither_peft_nor_bitsandbytes():
+    """What every Ray Train worker and encoding actor imports stays off the ~3 s trainer stack; adapters and
+    4-bit loading import peft and bitsandbytes when a run uses them."""
+    import subprocess
+    import sys
+
+    code = ("import app.loop, app.training, app.inference; import sys; "
+            "loaded = sorted(m for m in ('peft', 'bitsandbytes', 'deepspeed') if m in sys.modules); "
+            "assert not loaded, loaded")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("warmup_ratio", [0.0, 0.1, 0.5])
+def test_the_learning_rate_schedule_is_transformers_cosine_with_warmup(warmup_ratio):
+    import torch
+    from transformers import get_cosine_schedule_with_warmup
+
+    from app.config import load_config
+    from app.engine import build_scheduler
+
+    def learning_rates(make_scheduler) -> list[float]:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+        scheduler, rates = make_scheduler(optimizer), []
+        for _ in range(40):
+            rates.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+        return rates
+
+    config = load_config(None, [f"train.warmup_ratio={warmup_ratio}"])
+    ours = learning_rates(lambda optimizer: build_scheduler(optimizer, config, 37))
+    reference = learning_rates(lambda optimizer: get_cosine_schedule_with_warmup(optimizer, round(warmup_ratio * 37), 37))
+    assert ours == pytest.approx(reference, abs=1e-12)
