@@ -74,6 +74,21 @@ def join_turns(turns: Sequence[str]) -> str:
     return "\n".join(turns)
 
 
+# A neighbour block shows at most `retrieval.max_tokens` tokens of a text, from its head and tail
+# (app.formatting.keep_head_tail). A MiniLM word-piece of English averages about 4 characters, so keeping 8 per
+# token keeps all a block shows except in runs of very long tokens (code, URLs), where it shows a little less;
+# on the real rows at max_tokens=64 the stored pairs shrink from 15.6 to 10.2 MiB.
+CHARS_PER_TOKEN_BOUND = 8
+
+
+def showable_turns(turns: Sequence[str | None], max_tokens: int) -> list[str | None]:
+    """What a neighbour block can show of a prompt or response: the turns themselves, or where their joined
+    text is longer than twice max_tokens * CHARS_PER_TOKEN_BOUND characters, only its head and its tail."""
+    keep = max_tokens * CHARS_PER_TOKEN_BOUND
+    text = join_turns([turn or "" for turn in turns])
+    return list(turns) if len(text) <= 2 * keep else [text[:keep], text[-keep:]]
+
+
 class Embedder:
     """A sentence encoder: mean of the last hidden states over real tokens, L2-normalised."""
 
@@ -189,13 +204,19 @@ class JudgedPairs:
         return len(self.labels)
 
     @classmethod
-    def from_frame(cls, frame: pd.DataFrame, vectors: np.ndarray) -> JudgedPairs:
-        """The pairs of a labelled frame (prompt, response_a, response_b, label) with their vectors."""
+    def from_frame(cls, frame: pd.DataFrame, vectors: np.ndarray, max_tokens: int | None = None) -> JudgedPairs:
+        """The pairs of a labelled frame (prompt, response_a, response_b, label) with their vectors; with
+        `max_tokens` (the block budget) each text keeps only what a block can show (`showable_turns`), so
+        training workers and every checkpoint carry less. Prompt groups come from the whole prompts."""
         if len(vectors) != len(frame):
             raise ValueError(f"{len(vectors)} vectors for {len(frame)} rows")
-        prompts = [list(p) for p in frame["prompt"]]
-        return cls(prompts, [list(a) for a in frame["response_a"]], [list(b) for b in frame["response_b"]],
-                   frame["label"].to_numpy(dtype=np.int64), group_ids(prompts), vectors.astype(np.float16))
+
+        def texts(column: str) -> list[list[str | None]]:
+            cells = [list(cell) for cell in frame[column]]
+            return cells if max_tokens is None else [showable_turns(cell, max_tokens) for cell in cells]
+
+        return cls(texts("prompt"), texts("response_a"), texts("response_b"), frame["label"].to_numpy(dtype=np.int64),
+                   group_ids([list(p) for p in frame["prompt"]]), vectors.astype(np.float16))
 
     def texts_only(self) -> JudgedPairs:
         """The same pairs without vectors (what tokenizing actors need)."""
@@ -420,7 +441,7 @@ def plan_retrieval(train: pd.DataFrame, valid: pd.DataFrame, config: Config,
         return embed_rows(list(frame["prompt"]), list(frame["response_a"]), list(frame["response_b"]),
                           settings, cache_dir)
 
-    pairs = JudgedPairs.from_frame(train, vectors_of(train))
+    pairs = JudgedPairs.from_frame(train, vectors_of(train), settings.max_tokens)
     index = NeighbourIndex(pairs.vectors, settings.index)
     train_neighbours, _ = find_neighbours(index, pairs.groups, pairs.vectors, pairs.groups, settings.k,
                                           self_positions=np.arange(len(pairs)))

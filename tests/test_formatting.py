@@ -5,28 +5,7 @@ import pytest
 from app.config import Config, FormatConfig, ModelConfig
 from app.formatting import PairEncoder, build_pair_encoder, keep_head_tail, share_budget, swap_labels
 from app.modeling import build_tokenizer
-
-
-class WordTokenizer:
-    """One token per whitespace word; ids are stable per word. [CLS]=1 before, [SEP]=2 after."""
-
-    def __init__(self):
-        self.vocab = {"[CLS]": 1, "[SEP]": 2}
-
-    def _id(self, word):
-        return self.vocab.setdefault(word, len(self.vocab) + 1)
-
-    def __call__(self, texts, add_special_tokens=True, verbose=True):
-        ids = [[self._id(w) for w in text.split()] for text in texts]
-        return {"input_ids": [[1, *row, 2] if add_special_tokens else row for row in ids]}
-
-    def words(self, ids):
-        inverse = {v: k for k, v in self.vocab.items()}
-        return [inverse[i] for i in ids]
-
-
-def words(n, stem):
-    return " ".join(f"{stem}{i}" for i in range(n))
+from word_tokenizer import WordTokenizer, words
 
 
 def encode(config, prompts, a, b, swap=False):

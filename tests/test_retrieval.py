@@ -21,26 +21,12 @@ from app.retrieval import (
     group_ids,
     load_augmenter,
     plan_retrieval,
+    showable_turns,
 )
 from app.synthetic import write_builtin_dataset
+from word_tokenizer import WordTokenizer, words
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-class WordTokenizer:
-    """One token per whitespace word; ids are stable per word. [CLS]=1 before, [SEP]=2 after."""
-
-    def __init__(self):
-        self.vocab = {"[CLS]": 1, "[SEP]": 2}
-        self.inverse = {}
-
-    def __call__(self, texts, add_special_tokens=True, verbose=True):
-        ids = [[self.vocab.setdefault(word, len(self.vocab) + 1) for word in text.split()] for text in texts]
-        self.inverse = {v: k for k, v in self.vocab.items()}
-        return {"input_ids": [[1, *row, 2] if add_special_tokens else row for row in ids]}
-
-    def words(self, ids):
-        return [self.inverse[i] for i in ids]
 
 
 def unit_vectors(n, dim, seed):
@@ -165,17 +151,37 @@ def test_the_block_shows_neighbours_best_first_with_their_verdicts():
 
 def test_the_block_is_cut_to_its_cap_fairly_and_drops_the_least_similar_first():
     tokenizer = WordTokenizer()
-    long_text = " ".join(f"w{i}" for i in range(200))
+    long_text = words(200, "w")
     pairs = pairs_of([("short", "x", "y"), ("q " + long_text, long_text, long_text), ("p", "a", "b")], [0, 1, 2])
     builder = BlockBuilder(tokenizer, pairs, max_tokens=60)
     block = builder.block([1, 0])
-    words = tokenizer.words(block)
+    shown = tokenizer.words(block)
     assert len(block) == 60  # the long neighbour fills the room the short one leaves
-    assert words[-4:] == ["A", "Pair", "to", "judge:"] and "B" in words  # both verdicts kept whole
-    assert "[...]" in words and "short" in words  # the long one was cut, the short one kept whole
+    assert shown[-4:] == ["A", "Pair", "to", "judge:"] and "B" in shown  # both verdicts kept whole
+    assert "[...]" in shown and "short" in shown  # the long one was cut, the short one kept whole
     # with the room of one neighbour only, the less similar one is dropped
     tight = BlockBuilder(tokenizer, pairs, max_tokens=30).block([0, 2])
     assert "short" in tokenizer.words(tight) and "p" not in tokenizer.words(tight) and len(tight) <= 30
+
+
+def test_an_index_keeps_only_the_head_and_tail_a_block_can_show():
+    import pandas as pd
+
+    tokenizer = WordTokenizer()
+    long_turns = [words(400, "h"), words(400, "m"), words(400, "t")]  # 3 turns of ~2,000 characters
+    frame = pd.DataFrame({"prompt": [["p0"], long_turns], "response_a": [["a0"], ["a1"]],
+                          "response_b": [["b0"], long_turns], "label": [0, 1]})
+    full = JudgedPairs.from_frame(frame, np.zeros((2, 4)))
+    compact = JudgedPairs.from_frame(frame, np.zeros((2, 4)), max_tokens=40)
+    assert compact.prompts[0] == ["p0"] and full.prompts[1] == long_turns  # short texts are kept as they are
+    stored = "\n".join(compact.prompts[1])
+    assert len(stored) == 2 * 40 * 8 + 1 < len("\n".join(long_turns))  # head, newline, tail
+    assert stored.startswith("h0 h1 h2") and stored.endswith("t398 t399") and "m200" not in stored
+    np.testing.assert_array_equal(compact.groups, full.groups)  # prompt groups of the whole prompts
+    for budget in (40, 60):  # a block shows the same tokens from either
+        assert (BlockBuilder(tokenizer, compact, budget).block([1, 0])
+                == BlockBuilder(tokenizer, full, budget).block([1, 0]))
+    assert showable_turns([None, "x"], 40) == [None, "x"]
 
 
 def test_the_query_keeps_the_budget_the_block_leaves_and_the_row_stays_within_max_length():
