@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -31,6 +30,7 @@ from app.config import Config, ConfigError, PredictConfig, load_config
 from app.ensemble import finish_probabilities
 from app.members import LOGIT_COLUMNS, Member
 from app.metrics import score, softmax
+from app.modeling import CHECKPOINT_META, read_checkpoint_meta
 from app.priors import class_frequencies
 
 TABLE_COLUMNS = ("method", "log_loss", "accuracy", "rows", "train_seconds", "predict_seconds_per_1000_rows", "note")
@@ -92,28 +92,20 @@ def method_config(plan: ComparisonPlan, method: MethodPlan, storage_path: str, e
                                        f"run.storage_path={storage_path}"])
 
 
-def run_method(method: MethodPlan, config: Config, folds: list[int] | None,
-               storage_path: str) -> tuple[Member, float]:
-    """Train (or resume) and score one method on the folds into <storage_path>/<method>; returns its member
-    and the wall seconds it took."""
+def run_method(method: MethodPlan, config: Config, folds: list[int] | None, storage_path: str) -> Member:
+    """Train (or resume) and score one method on the folds into <storage_path>/<method>; returns its member."""
     member_dir = os.path.join(storage_path, method.name)
     done = finished_member(member_dir, config, folds)
     if done is not None:
         print(f"compare: {method.name}: read back from {member_dir} (same config, folds done)", flush=True)
-        return done, float(done.meta.get("wall_seconds") or 0.0)
-    started = time.perf_counter()
+        return done
     if method.runner == "prompt":
         from app.fewshot import prompt_cv
 
-        member = prompt_cv(config, folds=folds)
-    else:
-        from app.crossval import run_cv
+        return prompt_cv(config, folds=folds)
+    from app.crossval import run_cv
 
-        member = run_cv(config, folds, member_dir=member_dir)
-    wall_seconds = time.perf_counter() - started
-    member.meta["wall_seconds"] = wall_seconds
-    Path(member_dir, "member.json").write_text(json.dumps(member.meta, indent=2), encoding="utf-8")
-    return member, wall_seconds
+    return run_cv(config, folds, member_dir=member_dir)
 
 
 def finished_member(member_dir: str, config: Config, folds: list[int] | None) -> Member | None:
@@ -132,7 +124,7 @@ def finished_member(member_dir: str, config: Config, folds: list[int] | None) ->
 
 
 def fold_train_priors(member: Member) -> dict[int, np.ndarray]:
-    """Per fold, the class shares its model was trained on: from the fold checkpoint's arena.json when it has
+    """Per fold, the class shares its model was trained on: from the fold checkpoint's meta when it has
     them, else from the member's rows of the other folds.
 
     Raises:
@@ -141,9 +133,9 @@ def fold_train_priors(member: Member) -> dict[int, np.ndarray]:
     labels = member.oof[["fold", "label"]].to_numpy(dtype=np.int64)
     shares = {}
     for fold in member.meta["folds"]:
-        meta_path = os.path.join(fold.get("checkpoint") or "", "arena.json")
-        recorded = json.loads(Path(meta_path).read_text(encoding="utf-8")).get("train_priors") \
-            if os.path.exists(meta_path) else None
+        checkpoint = fold.get("checkpoint")
+        has_meta = bool(checkpoint) and os.path.exists(os.path.join(checkpoint, CHECKPOINT_META))
+        recorded = read_checkpoint_meta(checkpoint)[0].get("train_priors") if has_meta else None
         others = labels[labels[:, 0] != fold["fold"], 1]
         if recorded is None and others.size == 0:
             raise ValueError(f"member {member.directory}, fold {fold['fold']}: no class shares to smooth toward "
@@ -167,26 +159,19 @@ def test_time_probabilities(oof: pd.DataFrame, member: Member, predict: PredictC
     return probs
 
 
-def method_row(method: MethodPlan, member: Member, folds: list[int] | None, wall_seconds: float,
-               predict: PredictConfig) -> dict:
+def method_row(method: MethodPlan, member: Member, folds: list[int] | None, predict: PredictConfig) -> dict:
     """The method's scores on the plan's folds, from its out-of-fold logits (after the test-time temperature
-    and smoothing of `predict`), and its costs.
-
-    A prompting member has no training (0 s); where it records no scoring time, its wall time per row is used.
+    and smoothing of `predict`), and its costs as the member recorded them (a prompting member trains nothing).
     """
     oof = member.oof if folds is None else member.oof[member.oof["fold"].isin(folds)]
     if oof.empty:
         raise ValueError(f"method '{method.name}': its member {member.directory} has no rows of folds {folds}")
     probs = test_time_probabilities(oof, member, predict)
     metrics = score(probs, oof["label"].to_numpy())
-    meta = member.meta
-    if method.runner == "prompt":
-        train_seconds = 0.0
-        per_1000 = meta.get("predict_seconds_per_1000_rows") or 1000.0 * wall_seconds / len(member.oof)
-    else:
-        train_seconds, per_1000 = meta.get("train_seconds"), meta.get("predict_seconds_per_1000_rows")
+    train_seconds = 0.0 if method.runner == "prompt" else member.meta.get("train_seconds")
     return {"method": method.name, "log_loss": metrics["log_loss"], "accuracy": metrics["accuracy"],
-            "rows": len(oof), "train_seconds": train_seconds, "predict_seconds_per_1000_rows": per_1000,
+            "rows": len(oof), "train_seconds": train_seconds,
+            "predict_seconds_per_1000_rows": member.meta.get("predict_seconds_per_1000_rows"),
             "note": method.note}
 
 
@@ -210,33 +195,39 @@ def class_share_row(member: Member, folds: list[int] | None) -> dict:
 def run_comparison(plan: ComparisonPlan, storage_path: str, extra: Sequence[str] = (),
                    only: Sequence[str] | None = None, report_only: bool = False) -> pd.DataFrame:
     """Run every method (or the `only` ones) and write <storage_path>/comparison.{csv,md}; returns the table.
-    With `report_only`, nothing runs: the member folders already in `storage_path` are tabulated as they are.
+    The table has every method of the plan that has a member folder in `storage_path`: those not run now
+    (not in `only`, or all with `report_only`) are tabulated as they are; one with no folder yet is named and
+    left out.
 
     Raises:
         ConfigError: an unknown name in `only`, or a method's config is invalid (checked before any run starts).
     """
+    from app.members import load_member
+
     unknown = set(only or ()) - {method.name for method in plan.methods}
     if unknown:
         raise ConfigError(f"--only names no method of the plan: {sorted(unknown)}")
-    methods = [method for method in plan.methods if only is None or method.name in only]
-    configs = {method.name: method_config(plan, method, storage_path, extra) for method in methods}
+    configs = {method.name: method_config(plan, method, storage_path, extra) for method in plan.methods}
     rows, labels, references = [], None, []
-    for method in methods:
-        print(f"compare: {method.name} ({method.runner})", flush=True)
-        if report_only:
-            from app.members import load_member
-
-            member = load_member(os.path.join(storage_path, method.name))
-            wall_seconds = float(member.meta.get("wall_seconds") or 0.0)
+    for method in plan.methods:
+        member_dir = os.path.join(storage_path, method.name)
+        if not report_only and (only is None or method.name in only):
+            print(f"compare: {method.name} ({method.runner})", flush=True)
+            member = run_method(method, configs[method.name], plan.folds, storage_path)
+        elif os.path.exists(os.path.join(member_dir, "member.json")):
+            member = load_member(member_dir)
         else:
-            member, wall_seconds = run_method(method, configs[method.name], plan.folds, storage_path)
-        rows.append(method_row(method, member, plan.folds, wall_seconds, configs[method.name].predict))
+            print(f"compare: {method.name}: not run yet (no {member_dir}), left out of the table", flush=True)
+            continue
+        rows.append(method_row(method, member, plan.folds, configs[method.name].predict))
         print(f"compare: {method.name}: log loss {rows[-1]['log_loss']:.4f}", flush=True)
         if labels is None:
             oof = member.oof if plan.folds is None else member.oof[member.oof["fold"].isin(plan.folds)]
             labels = oof["label"].to_numpy()
         if not references and method.runner == "cv":
             references.append(class_share_row(member, plan.folds))
+    if labels is None:
+        raise ValueError(f"no method of the plan has a member folder in {storage_path}: nothing to tabulate")
     table = pd.DataFrame([uniform_row(labels), *references, *rows], columns=list(TABLE_COLUMNS))
     os.makedirs(storage_path, exist_ok=True)
     table.to_csv(os.path.join(storage_path, "comparison.csv"), index=False)

@@ -83,6 +83,12 @@ def predict_with_spec(spec: EnsembleSpec, frame: pd.DataFrame, config: PredictCo
     return apply_spec_to_member_logits(spec, member_logits)
 
 
+def needs_train_priors(priors, smoothing: float | None) -> bool:
+    """Whether finishing probabilities needs the class shares the model was trained on: a prior shift divides
+    them out, and smoothing goes toward them."""
+    return priors is not None or bool(smoothing)
+
+
 def with_predict_options(spec: EnsembleSpec, config: PredictConfig) -> EnsembleSpec:
     """The spec with the test-time settings of `predict` (priors, train_priors, temperature, smoothing) in place
     of its own, where they are set; the spec itself when none is."""
@@ -90,7 +96,7 @@ def with_predict_options(spec: EnsembleSpec, config: PredictConfig) -> EnsembleS
     if config.priors is not None:
         update["priors"] = config.priors
     train_priors = config.train_priors or spec.train_priors
-    if train_priors is None and (config.priors is not None or (config.smoothing and update.get("priors", spec.priors) is None)):
+    if train_priors is None and needs_train_priors(update.get("priors", spec.priors), config.smoothing):
         raise ValueError("predict.priors / predict.smoothing need the class shares the members were trained on: the "
                          "spec has no train_priors; set predict.train_priors=[pA,pB,pTie]")
     if not update:
@@ -107,7 +113,7 @@ def finish_checkpoint_probabilities(probs: np.ndarray, checkpoint_dir: str, conf
     if config.priors is None and not config.smoothing and config.temperature in (None, 1.0):
         return probs
     train_priors = config.train_priors or read_checkpoint_meta(checkpoint_dir)[0].get("train_priors")
-    if train_priors is None and (config.priors is not None or config.smoothing):
+    if train_priors is None and needs_train_priors(config.priors, config.smoothing):
         raise ValueError(f"predict.priors / predict.smoothing need the class shares {checkpoint_dir} was trained on, "
                          "and its arena.json has none (it predates them); set predict.train_priors=[pA,pB,pTie]")
     return finish_probabilities(probs, config.temperature or 1.0, config.priors, train_priors, config.smoothing or 0.0)

@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--plan", required=True, help="comparison plan YAML (methods, folds, common overrides)")
     parser.add_argument("--out", required=True, help="folder for the methods' runs and the table")
-    parser.add_argument("--only", help="comma-separated method names to run (default: all)")
+    parser.add_argument("--only", help="comma-separated method names to run (default: all); the methods already run stay in the table")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: tabulate the member folders already in --out")
     parser.add_argument("--address", help="Ray cluster address; default $RAY_ADDRESS or a local Ray")

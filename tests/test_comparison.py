@@ -52,20 +52,19 @@ def test_a_row_scores_only_the_plans_folds_and_applies_test_time_options(tmp_pat
     member = fake_member(tmp_path)
     method = MethodPlan(name="m")
     fold0 = member.oof[member.oof["fold"] == 0]
-    plain = method_row(method, member, [0], 1.0, PredictConfig())
+    plain = method_row(method, member, [0], PredictConfig())
     expected = log_loss(softmax(fold0[list(LOGIT_COLUMNS)].to_numpy()), fold0["label"].to_numpy())
     assert plain["log_loss"] == pytest.approx(expected) and plain["rows"] == 40
     assert (plain["train_seconds"], plain["predict_seconds_per_1000_rows"]) == (12.0, 3.5)
-    smoothed = method_row(method, member, [0], 1.0, PredictConfig(temperature=2.0, smoothing=0.1))
+    smoothed = method_row(method, member, [0], PredictConfig(temperature=2.0, smoothing=0.1))
     fold1_shares = np.bincount(member.oof.loc[member.oof["fold"] == 1, "label"], minlength=3) / 40
     z = fold0[list(LOGIT_COLUMNS)].to_numpy()
     manual = 0.9 * softmax(z / 2.0) + 0.1 * fold1_shares  # fold 0 smoothed toward its training folds' shares
     assert smoothed["log_loss"] == pytest.approx(log_loss(manual, fold0["label"].to_numpy()))
     with pytest.raises(ValueError, match="no rows of folds"):
-        method_row(method, member, [7], 1.0, PredictConfig())
-    untimed = Member("p", str(tmp_path), member.oof, None, {"folds": member.meta["folds"]})
-    prompting = method_row(MethodPlan(name="p", runner="prompt"), untimed, None, 8.0, PredictConfig())
-    assert prompting["train_seconds"] == 0.0 and prompting["predict_seconds_per_1000_rows"] == pytest.approx(100.0)
+        method_row(method, member, [7], PredictConfig())
+    prompting = method_row(MethodPlan(name="p", runner="prompt"), member, None, PredictConfig())
+    assert (prompting["train_seconds"], prompting["predict_seconds_per_1000_rows"]) == (0.0, 3.5)  # nothing trained
 
 
 def test_the_shipped_plans_and_their_method_configs_are_valid(tmp_path):
@@ -121,3 +120,7 @@ def test_a_comparison_runs_methods_on_the_same_fold_and_reuses_fold_runs(ray_ses
     reported = run_comparison(plan, str(out), report_only=True)  # tabulates the folders, runs nothing
     pd.testing.assert_frame_equal(reported.drop(columns=["predict_seconds_per_1000_rows"]),
                                   table.drop(columns=["predict_seconds_per_1000_rows"]))
+    rerun = run_comparison(plan, str(out), only=["xgb-tta"])  # one method again: the others stay in the table
+    pd.testing.assert_frame_equal(rerun, table)
+    with_new = plan.model_copy(update={"methods": [*plan.methods, MethodPlan(name="later")]})
+    assert run_comparison(with_new, str(out), report_only=True)["method"].tolist() == table["method"].tolist()
