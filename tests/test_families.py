@@ -1,5 +1,6 @@
 """Every model kind behind one interface: (B, 3) logits that train, ignore padding and reload exactly."""
 
+import gc
 import json
 
 import numpy as np
@@ -125,6 +126,7 @@ def test_forward_batch_goes_through_distributed_data_parallel(kind, name, tmp_pa
     model, tokenizer, rows = build(tiny_config(kind, name))
     expected = logits_of(model, tokenizer, rows)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    wrapped = None
     try:
         wrapped = torch.nn.parallel.DistributedDataParallel(model)
         logits = logits_of(wrapped, tokenizer, rows)
@@ -132,6 +134,10 @@ def test_forward_batch_goes_through_distributed_data_parallel(kind, name, tmp_pa
         train_logits, _ = forward_batch(wrapped, rows[0], rows[1], tokenizer.pad_token_id, CPU)
         torch.nn.functional.cross_entropy(train_logits, torch.zeros(6, dtype=torch.long)).backward()
     finally:
+        # DDP's reducer holds the group: free it first. Collected after the group is destroyed, the reducer
+        # took gloo's destructor with it into a join that never returned (the suite hung here once).
+        del wrapped
+        gc.collect()
         dist.destroy_process_group()
     torch.testing.assert_close(logits, expected, atol=1e-6, rtol=0)
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
