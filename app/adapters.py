@@ -81,11 +81,11 @@ def apply_adapter(network: PreTrainedModel, config: Config, head_modules: list[s
     Raises ValueError for lora / qlora with `adapter.train_head=false` on a model with a fresh head: the head
     would stay random and, not being part of the adapter, could not be restored from the checkpoint.
     """
-    from peft import get_peft_model, prepare_model_for_kbit_training
-
     method = config.adapter.method
     if method == "full":
-        return network
+        return network  # peft (and the bitsandbytes it imports: ~3 s) only where an adapter is used
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
     if head_modules and not config.adapter.train_head:
         raise ValueError(f"adapter.train_head=false with adapter.method={method} would leave the new head "
                          f"{head_modules} of model.kind={config.model.kind} random and out of the checkpoint; "
