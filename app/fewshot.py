@@ -12,8 +12,12 @@ cosine similarity of the vectors app/retrieval.py makes (`embed_rows`, with the 
 settings: retrieval.encoder, retrieval.embed, retrieval.embed_max_tokens; retrieval.enabled need not be set).
 
 `prompt_cv` writes an out-of-fold member folder in the app/crossval.py format (member.json, oof.parquet),
-so calibration, ensembles and comparisons read it beside trained members. There is no checkpoint: each
-fold's entry has `"checkpoint": null`, and the member cannot go into a predict-able ensemble spec.
+so calibration, ensembles and comparisons read it beside trained members, and one prompting checkpoint per
+fold (`<member>/fold<k>/`): arena.json with `"method": "prompting"` and the config, and under `prompting/`
+the fold's example pool (the other folds' labelled rows, with their embeddings when examples are retrieved).
+`app.inference.load_predictor` gives a `PromptPredictor` for such a folder, so a prompting member goes into
+ensemble specs, jobs/predict.py and the Serve app like a trained one; the pretrained weights are loaded from
+`model.name_or_path` as the run did.
 
 Scoring runs in this process on one device (the first GPU, else the CPU): prompting trains nothing, so
 there is no Ray Train run to distribute.
@@ -40,13 +44,24 @@ from app.families import load_network, wrap_network
 from app.formatting import SWAPPED_LABEL
 from app.members import LOGIT_COLUMNS, OOF_FORMAT, Member, load_member
 from app.metrics import combine_views, score, softmax
-from app.modeling import autocast, autocast_dtype, build_tokenizer, forward_batch, library_versions, resolve_model_path
+from app.modeling import (
+    autocast,
+    autocast_dtype,
+    build_tokenizer,
+    forward_batch,
+    library_versions,
+    resolve_model_path,
+    write_checkpoint_meta,
+)
+from app.priors import class_frequencies
 from app.prompting import BuiltPrompt, PromptBuilder, TokenTurns, select_examples
 from app.retrieval import embed_rows
 
 PROMPT_KINDS = ("decoder_lm", "t5")  # kinds that score label words; encoder / decoder heads are untrained
 PROMPT_CHUNK_ROWS = 256  # query rows whose prompts are built (and examples tokenized) together
 TEXT_COLUMNS = ("prompt", "response_a", "response_b")
+PROMPT_DIR = "prompting"  # a prompting checkpoint's example pool: pool.parquet, and vectors.npy when retrieved
+PROMPTING_METHOD = "prompting"  # arena.json "method" of a prompting checkpoint
 
 
 # --- Model and scoring --------------------------------------------------------------------------------------
@@ -95,19 +110,31 @@ def _texts(frame: pd.DataFrame, rows: Sequence[int]) -> list[list[list[str]]]:
     return [[list(frame[column].iloc[row]) for row in rows] for column in TEXT_COLUMNS]
 
 
+def needs_embeddings(config: Config) -> bool:
+    return config.prompting.selection == "retrieved" and config.prompting.k > 0
+
+
+def embed_frame(frame: pd.DataFrame, config: Config) -> np.ndarray:
+    """The rows' retrieval vectors (`app.retrieval.embed_rows` with the `retrieval` section's settings)."""
+    return embed_rows(*_texts(frame, range(len(frame))), config.retrieval)
+
+
 def score_queries(config: Config, model: torch.nn.Module, tokenizer: Any, queries: pd.DataFrame,
                   pool: pd.DataFrame, query_groups: Sequence[object], pool_groups: Sequence[object],
-                  device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+                  device: torch.device, query_embeddings: np.ndarray | None = None,
+                  pool_embeddings: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(N, 3) logits of the query rows, each prompted with examples from labelled `pool` rows of another group,
-    and (N,) how many examples each prompt kept. With `predict.tta_swap` the logits are the mean of both A/B
-    orders of the query's log-probabilities (the examples stay as they are)."""
+    and (N,) how many examples each prompt kept. With `predict.tta_swap` the logits merge both A/B orders of
+    the query (`predict.tta_combine`; the examples stay as they are). Retrieved examples use the given
+    embeddings, else the rows are embedded here."""
     prompting = config.prompting
     builder = PromptBuilder(tokenizer, config.format, prompting, config.model.label_words)
     embeddings: dict[str, np.ndarray | None] = {"query_embeddings": None, "pool_embeddings": None}
-    if prompting.selection == "retrieved" and prompting.k > 0:
-        embeddings["query_embeddings"] = embed_rows(*_texts(queries, range(len(queries))), config.retrieval)
-        embeddings["pool_embeddings"] = (embeddings["query_embeddings"] if pool is queries  # cross-validation
-                                         else embed_rows(*_texts(pool, range(len(pool))), config.retrieval))
+    if needs_embeddings(config):
+        embeddings["query_embeddings"] = embed_frame(queries, config) if query_embeddings is None else query_embeddings
+        embeddings["pool_embeddings"] = (pool_embeddings if pool_embeddings is not None
+                                         else embeddings["query_embeddings"] if pool is queries  # cross-validation
+                                         else embed_frame(pool, config))
     chosen = select_examples(prompting.selection, prompting.k, query_groups, pool_groups, prompting.seed,
                              **embeddings)
     labels = pool["label"].to_numpy()
@@ -132,7 +159,7 @@ def score_queries(config: Config, model: torch.nn.Module, tokenizer: Any, querie
             swapped = prompts_of([[(p, b, a) for p, a, b in pair] for pair in query_tokens])
             swapped_scores = score_prompts(model, [b.ids for b in swapped], tokenizer.pad_token_id, device,
                                            config.predict.tokens_per_batch, amp_dtype)
-            scores = combine_views(scores, swapped_scores[:, list(SWAPPED_LABEL)])
+            scores = combine_views(scores, swapped_scores[:, list(SWAPPED_LABEL)], config.predict.tta_combine)
         logits[rows.start:rows.stop] = scores
         kept[rows.start:rows.stop] = [b.n_examples for b in built]
         print(f"prompting: {rows.stop}/{len(queries)} rows, {time.perf_counter() - started:.0f} s", flush=True)
@@ -191,7 +218,9 @@ def prompt_cv(config: Config, device: torch.device | None = None, folds: Sequenc
     scored = np.isin(row_folds, folds)
     queries = frame if scored.all() else frame[scored].reset_index(drop=True)
     model, tokenizer = load_scoring_model(config, device)
-    logits, kept = score_queries(config, model, tokenizer, queries, frame, row_folds[scored], row_folds, device)
+    vectors = embed_frame(frame, config) if needs_embeddings(config) else None
+    logits, kept = score_queries(config, model, tokenizer, queries, frame, row_folds[scored], row_folds, device,
+                                 *((vectors[scored], vectors) if vectors is not None else ()))
     seconds = time.perf_counter() - started
     labels = queries["label"].to_numpy()
     oof = pd.DataFrame(logits, columns=list(LOGIT_COLUMNS))
@@ -201,7 +230,10 @@ def prompt_cv(config: Config, device: torch.device | None = None, folds: Sequenc
     fold_meta = []
     for fold in folds:
         rows = oof["fold"].to_numpy() == fold
-        fold_meta.append({"fold": fold, "checkpoint": None, "rows": int(rows.sum()),
+        others = row_folds != fold
+        checkpoint = save_prompt_checkpoint(os.path.join(member_dir, f"fold{fold}"), config, frame[others],
+                                            None if vectors is None else vectors[others])
+        fold_meta.append({"fold": fold, "checkpoint": checkpoint, "rows": int(rows.sum()),
                           "mean_examples": float(kept[rows].mean()),
                           **{f"valid_{k}": v for k, v in score(softmax(logits[rows]), labels[rows]).items()}})
     overall = score(softmax(logits), labels)
@@ -215,3 +247,65 @@ def prompt_cv(config: Config, device: torch.device | None = None, folds: Sequenc
     with open(os.path.join(member_dir, "member.json"), "w", encoding="utf-8") as handle:
         json.dump(meta, handle, indent=2)
     return load_member(member_dir)
+
+
+# --- Checkpoints ----------------------------------------------------------------------------------------------
+
+def save_prompt_checkpoint(directory: str, config: Config, pool: pd.DataFrame,
+                           vectors: np.ndarray | None = None) -> str:
+    """Write a prompting checkpoint: arena.json (`"method": "prompting"`, the config, the pool's class shares as
+    `train_priors`) and the example pool (labelled rows, and their retrieval vectors when examples are
+    retrieved); zero-shot keeps no pool."""
+    keep = config.prompting.k > 0
+    os.makedirs(os.path.join(directory, PROMPT_DIR), exist_ok=True)
+    table = pd.DataFrame({column: [json.dumps(list(cell)) for cell in pool[column]] if keep else []
+                          for column in TEXT_COLUMNS})
+    table["label"] = pool["label"].to_numpy(dtype=np.int64) if keep else np.zeros(0, dtype=np.int64)
+    table.to_parquet(os.path.join(directory, PROMPT_DIR, "pool.parquet"), index=False)
+    if keep and vectors is not None:
+        np.save(os.path.join(directory, PROMPT_DIR, "vectors.npy"), vectors.astype(np.float32))
+    shares = class_frequencies(pool["label"].to_numpy(dtype=np.int64)).tolist()  # what predict.smoothing uses
+    write_checkpoint_meta(directory, config, {"method": PROMPTING_METHOD, "pool_rows": len(table),
+                                              "train_priors": shares})
+    return directory
+
+
+class PromptPredictor:
+    """A prompting checkpoint as a predictor: the pretrained model scores the label words of each row's prompt,
+    with examples from the checkpoint's pool (none of the row's own prompt group). Answers predict_logits /
+    predict like `app.inference.Predictor`."""
+
+    def __init__(self, checkpoint_dir: str, config: Config, meta: dict[str, Any], tokens_per_batch: int | None = None,
+                 device: str | None = None, precision: str = "auto") -> None:
+        predict = {"tokens_per_batch": tokens_per_batch or config.predict.tokens_per_batch}
+        if precision != "auto":
+            predict["precision"] = precision
+        self.config = config.model_copy(update={"predict": config.predict.model_copy(update=predict)})
+        self.meta, self.device = meta, torch.device(device) if device else default_device()
+        folder = os.path.join(checkpoint_dir, PROMPT_DIR)
+        pool = pd.read_parquet(os.path.join(folder, "pool.parquet"))
+        for column in TEXT_COLUMNS:
+            pool[column] = [json.loads(cell) for cell in pool[column]]
+        if len(pool) != meta.get("pool_rows"):
+            raise ValueError(f"{folder}/pool.parquet holds {len(pool)} rows, arena.json says {meta.get('pool_rows')}; "
+                             "copy the checkpoint again")
+        self.pool, self.pool_groups = pool, [prompt_group_key(turns) for turns in pool["prompt"]]
+        vectors = os.path.join(folder, "vectors.npy")
+        self.pool_vectors = np.load(vectors) if os.path.exists(vectors) else None
+        self.model, self.tokenizer = load_scoring_model(self.config, self.device)
+
+    def predict_logits(self, prompts: Sequence[Sequence[str]], responses_a: Sequence[Sequence[str]],
+                       responses_b: Sequence[Sequence[str]], tta_swap: bool = False,
+                       tta_combine: str = "logit") -> np.ndarray:
+        queries = pd.DataFrame({"prompt": [list(p) for p in prompts], "response_a": [list(a) for a in responses_a],
+                                "response_b": [list(b) for b in responses_b]})
+        config = self.config.model_copy(update={"predict": self.config.predict.model_copy(
+            update={"tta_swap": tta_swap, "tta_combine": tta_combine})})
+        groups = [prompt_group_key(turns) for turns in queries["prompt"]]
+        logits, _ = score_queries(config, self.model, self.tokenizer, queries, self.pool, groups, self.pool_groups,
+                                  self.device, pool_embeddings=self.pool_vectors)
+        return logits
+
+    def predict(self, prompts, responses_a, responses_b, tta_swap: bool = False,
+                tta_combine: str = "logit") -> np.ndarray:
+        return softmax(self.predict_logits(prompts, responses_a, responses_b, tta_swap, tta_combine))

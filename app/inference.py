@@ -16,6 +16,7 @@ from app.retrieval import load_augmenter
 
 if TYPE_CHECKING:
     from app.classical import ClassicalPredictor
+    from app.fewshot import PromptPredictor
 
 
 class Predictor:
@@ -72,10 +73,17 @@ class Predictor:
 
 
 def load_predictor(checkpoint_dir: str, tokens_per_batch: int = 8192, device: str | None = None,
-                   num_threads: int | None = None, precision: str = "auto") -> Predictor | ClassicalPredictor:
-    """The predictor of a checkpoint's model kind: `Predictor`, or for tfidf_xgb `app.classical.ClassicalPredictor`
-    (which has no tokens, device or precision). Both answer predict_logits / predict alike."""
+                   num_threads: int | None = None, precision: str = "auto") -> Predictor | ClassicalPredictor | PromptPredictor:
+    """The predictor of a checkpoint: `Predictor`, for tfidf_xgb `app.classical.ClassicalPredictor` (which has no
+    tokens, device or precision), for a prompting checkpoint `app.fewshot.PromptPredictor`. All answer
+    predict_logits / predict alike."""
     meta, config = read_checkpoint_meta(checkpoint_dir)
+    if meta.get("method") == "prompting":
+        from app.fewshot import PromptPredictor
+
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        return PromptPredictor(checkpoint_dir, config, meta, tokens_per_batch, device, precision)
     if config.model.kind == "tfidf_xgb":
         from app.classical import ClassicalPredictor  # xgboost is loaded only where a checkpoint needs it
 

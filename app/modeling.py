@@ -193,7 +193,7 @@ def save_checkpoint(
     else:
         save_adapter(network, directory, state_dict)
     tokenizer.save_pretrained(directory)
-    _write_meta(directory, config, {"epoch": epoch, "metrics": metrics, **(meta or {})})
+    write_checkpoint_meta(directory, config, {"epoch": epoch, "metrics": metrics, **(meta or {})})
 
 
 def _network_state_dict(
@@ -208,7 +208,8 @@ def _network_state_dict(
     return {name: tensor for name, tensor in renamed.items() if name in wanted}
 
 
-def _write_meta(directory: str, config: Config, extra: dict[str, Any]) -> None:
+def write_checkpoint_meta(directory: str, config: Config, extra: dict[str, Any]) -> None:
+    """arena.json of a checkpoint folder: format, kind, labels, `extra`, the config and library versions."""
     meta = {
         "format": CHECKPOINT_FORMAT,
         "kind": config.model.kind,
@@ -297,6 +298,6 @@ def merge_adapter(checkpoint_dir: str, out_dir: str) -> str:
     merged.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     full = config.model_copy(update={"adapter": config.adapter.model_copy(update={"method": "full"})})
-    _write_meta(out_dir, full, {"epoch": meta.get("epoch"), "metrics": meta.get("metrics"),
+    write_checkpoint_meta(out_dir, full, {"epoch": meta.get("epoch"), "metrics": meta.get("metrics"),
                                 "merged_from": os.path.abspath(checkpoint_dir)})
     return out_dir

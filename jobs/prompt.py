@@ -4,7 +4,8 @@
     python -m jobs.prompt --config configs/prompting-fewshot.yaml --input holdout.csv --output logits.parquet
 
 Without --input, every training row is scored with examples from the other folds and the member folder
-<run.storage_path>/<run.name>/ (member.json, oof.parquet) is written for jobs/ensemble and comparisons. With
+<run.storage_path>/<run.name>/ (member.json, oof.parquet, a prompting checkpoint per fold) is written for
+jobs/ensemble, comparisons, predict and Serve. With
 --input, that file's rows are scored with examples from the training rows. Log loss and accuracy are printed.
 """
 

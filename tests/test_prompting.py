@@ -2,6 +2,7 @@
 and label-word scores of tiny random causal LMs and T5s for every row (no Ray, no training)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,8 +11,9 @@ import torch
 
 from app.config import FormatConfig, PromptingConfig, load_config
 from app.data import assign_folds, load_pairs
-from app.fewshot import load_scoring_model, prompt_cv, prompt_file, score_prompts
+from app.fewshot import PromptPredictor, load_scoring_model, prompt_cv, prompt_file, score_prompts
 from app.formatting import PairEncoder
+from app.inference import load_predictor
 from app.members import LOGIT_COLUMNS, load_member
 from app.metrics import softmax
 from app.prompting import PromptBuilder, select_examples, select_random, select_similar
@@ -155,6 +157,29 @@ def test_prompting_writes_a_member_with_valid_probabilities_for_every_row(kind, 
     assert [fold["fold"] for fold in member.meta["folds"]] == [0, 1, 2]
     assert 0 < member.meta["mean_examples"] <= k if k else member.meta["mean_examples"] == 0
     assert load_member(member.directory).meta["oof_log_loss"] == pytest.approx(member.meta["oof_log_loss"])
+
+
+@pytest.mark.parametrize("selection, k", [("retrieved", 2), ("random", 0)])
+def test_a_fold_checkpoint_predicts_what_the_member_scored_out_of_fold(selection, k, tmp_path):
+    """Each fold of a prompting member is a checkpoint (its example pool: the other folds' rows) that
+    load_predictor serves like a trained one, so ensemble specs, predict and Serve take prompting members."""
+    config = tiny_prompting_config("decoder_lm", "random:qwen2-tiny", tmp_path,
+                                   **{"prompting.selection": selection, "prompting.k": k})
+    member = prompt_cv(config)
+    frame, _ = load_training_rows(config, run_directory(config))
+    fold = member.meta["folds"][1]
+    predictor = load_predictor(fold["checkpoint"], precision="fp32")
+    assert isinstance(predictor, PromptPredictor) and len(predictor.pool) == (30 - fold["rows"] if k else 0)
+    scored = member.oof[member.oof["fold"] == 1]
+    rows = frame.set_index(frame["id"].astype(str)).loc[scored["id"]]
+    texts = (list(rows["prompt"]), list(rows["response_a"]), list(rows["response_b"]))
+    np.testing.assert_allclose(predictor.predict_logits(*texts), scored[list(LOGIT_COLUMNS)].to_numpy(), atol=1e-4)
+    forward = predictor.predict(*texts, tta_swap=True)
+    backward = predictor.predict(texts[0], texts[2], texts[1], tta_swap=True)
+    np.testing.assert_allclose(forward[:, [1, 0, 2]], backward, atol=1e-5)  # TTA stays equivariant
+    meta = json.loads((Path(fold["checkpoint"]) / "arena.json").read_text())
+    shares = np.bincount(frame.loc[~frame["id"].astype(str).isin(scored["id"]), "label"], minlength=3)
+    np.testing.assert_allclose(meta["train_priors"], shares / shares.sum())  # the other folds' class shares
 
 
 def test_prompt_scores_are_the_label_token_logits_of_the_causal_lm(tmp_path):
