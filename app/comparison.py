@@ -26,11 +26,10 @@ import pandas as pd
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from app.config import Config, ConfigError, PredictConfig, load_config
+from app.config import Config, ConfigError, PredictConfig, config_to_dict, load_config
 from app.ensemble import finish_probabilities
-from app.members import LOGIT_COLUMNS, Member
+from app.members import LOGIT_COLUMNS, Member, is_member_dir, load_member
 from app.metrics import score, softmax
-from app.modeling import CHECKPOINT_META, read_checkpoint_meta
 from app.priors import class_frequencies
 
 TABLE_COLUMNS = ("method", "log_loss", "accuracy", "rows", "train_seconds", "predict_seconds_per_1000_rows", "note")
@@ -111,10 +110,7 @@ def run_method(method: MethodPlan, config: Config, folds: list[int] | None, stor
 def finished_member(member_dir: str, config: Config, folds: list[int] | None) -> Member | None:
     """The method's member folder when a previous comparison wrote it with this very config and these folds
     (so a rerun only tabulates it), else None."""
-    from app.config import config_to_dict
-    from app.members import load_member
-
-    if not os.path.exists(os.path.join(member_dir, "member.json")):
+    if not is_member_dir(member_dir):
         return None
     member = load_member(member_dir)
     wanted = set(range(config.data.n_folds)) if folds is None else set(folds)
@@ -130,6 +126,8 @@ def fold_train_priors(member: Member) -> dict[int, np.ndarray]:
     Raises:
         ValueError: neither is available for a fold (one fold scored, with no checkpoint).
     """
+    from app.modeling import CHECKPOINT_META, read_checkpoint_meta  # torch: only where shares are needed
+
     labels = member.oof[["fold", "label"]].to_numpy(dtype=np.int64)
     shares = {}
     for fold in member.meta["folds"]:
@@ -202,8 +200,6 @@ def run_comparison(plan: ComparisonPlan, storage_path: str, extra: Sequence[str]
     Raises:
         ConfigError: an unknown name in `only`, or a method's config is invalid (checked before any run starts).
     """
-    from app.members import load_member
-
     unknown = set(only or ()) - {method.name for method in plan.methods}
     if unknown:
         raise ConfigError(f"--only names no method of the plan: {sorted(unknown)}")
@@ -214,7 +210,7 @@ def run_comparison(plan: ComparisonPlan, storage_path: str, extra: Sequence[str]
         if not report_only and (only is None or method.name in only):
             print(f"compare: {method.name} ({method.runner})", flush=True)
             member = run_method(method, configs[method.name], plan.folds, storage_path)
-        elif os.path.exists(os.path.join(member_dir, "member.json")):
+        elif is_member_dir(member_dir):
             member = load_member(member_dir)
         else:
             print(f"compare: {method.name}: not run yet (no {member_dir}), left out of the table", flush=True)

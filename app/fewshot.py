@@ -45,6 +45,7 @@ from app.formatting import SWAPPED_LABEL
 from app.members import LOGIT_COLUMNS, OOF_FORMAT, Member, load_member
 from app.metrics import combine_views, score, softmax
 from app.modeling import (
+    PROMPTING_METHOD,
     autocast,
     autocast_dtype,
     build_tokenizer,
@@ -61,7 +62,6 @@ PROMPT_KINDS = ("decoder_lm", "t5")  # kinds that score label words; encoder / d
 PROMPT_CHUNK_ROWS = 256  # query rows whose prompts are built (and examples tokenized) together
 TEXT_COLUMNS = ("prompt", "response_a", "response_b")
 PROMPT_DIR = "prompting"  # a prompting checkpoint's example pool: pool.parquet, and vectors.npy when retrieved
-PROMPTING_METHOD = "prompting"  # arena.json "method" of a prompting checkpoint
 
 
 # --- Model and scoring --------------------------------------------------------------------------------------
@@ -220,7 +220,8 @@ def prompt_cv(config: Config, device: torch.device | None = None, folds: Sequenc
     model, tokenizer = load_scoring_model(config, device)
     vectors = embed_frame(frame, config) if needs_embeddings(config) else None
     logits, kept = score_queries(config, model, tokenizer, queries, frame, row_folds[scored], row_folds, device,
-                                 *((vectors[scored], vectors) if vectors is not None else ()))
+                                 query_embeddings=None if vectors is None else vectors[scored],
+                                 pool_embeddings=vectors)
     seconds = time.perf_counter() - started
     labels = queries["label"].to_numpy()
     oof = pd.DataFrame(logits, columns=list(LOGIT_COLUMNS))
@@ -256,13 +257,12 @@ def save_prompt_checkpoint(directory: str, config: Config, pool: pd.DataFrame,
     """Write a prompting checkpoint: arena.json (`"method": "prompting"`, the config, the pool's class shares as
     `train_priors`) and the example pool (labelled rows, and their retrieval vectors when examples are
     retrieved); zero-shot keeps no pool."""
-    keep = config.prompting.k > 0
+    shown = pool if config.prompting.k > 0 else pool.iloc[:0]
     os.makedirs(os.path.join(directory, PROMPT_DIR), exist_ok=True)
-    table = pd.DataFrame({column: [json.dumps(list(cell)) for cell in pool[column]] if keep else []
-                          for column in TEXT_COLUMNS})
-    table["label"] = pool["label"].to_numpy(dtype=np.int64) if keep else np.zeros(0, dtype=np.int64)
+    table = pd.DataFrame({column: [json.dumps(list(cell)) for cell in shown[column]] for column in TEXT_COLUMNS})
+    table["label"] = shown["label"].to_numpy(dtype=np.int64)
     table.to_parquet(os.path.join(directory, PROMPT_DIR, "pool.parquet"), index=False)
-    if keep and vectors is not None:
+    if len(shown) and vectors is not None:
         np.save(os.path.join(directory, PROMPT_DIR, "vectors.npy"), vectors.astype(np.float32))
     shares = class_frequencies(pool["label"].to_numpy(dtype=np.int64)).tolist()  # what predict.smoothing uses
     write_checkpoint_meta(directory, config, {"method": PROMPTING_METHOD, "pool_rows": len(table),

@@ -11,7 +11,14 @@ import torch
 from app.batching import token_budget_batches
 from app.formatting import SWAPPED_LABEL, build_pair_encoder
 from app.metrics import combine_views, softmax
-from app.modeling import autocast, autocast_dtype, forward_batch, load_checkpoint, read_checkpoint_meta
+from app.modeling import (
+    PROMPTING_METHOD,
+    autocast,
+    autocast_dtype,
+    forward_batch,
+    load_checkpoint,
+    read_checkpoint_meta,
+)
 from app.retrieval import load_augmenter
 
 if TYPE_CHECKING:
@@ -78,7 +85,7 @@ def load_predictor(checkpoint_dir: str, tokens_per_batch: int = 8192, device: st
     tokens, device or precision), for a prompting checkpoint `app.fewshot.PromptPredictor`. All answer
     predict_logits / predict alike."""
     meta, config = read_checkpoint_meta(checkpoint_dir)
-    if meta.get("method") == "prompting":
+    if meta.get("method") == PROMPTING_METHOD:
         from app.fewshot import PromptPredictor
 
         if num_threads:

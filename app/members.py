@@ -15,6 +15,11 @@ import pandas as pd
 
 OOF_FORMAT = 1
 LOGIT_COLUMNS = ("logit_a", "logit_b", "logit_tie")
+MEMBER_FILE = "member.json"  # what makes a folder a member
+
+
+def is_member_dir(directory: str) -> bool:
+    return os.path.exists(os.path.join(directory, MEMBER_FILE))
 
 
 @dataclass
@@ -37,7 +42,7 @@ class Member:
 
 def load_member(directory: str) -> Member:
     """Read a member folder written by `run_cv`."""
-    meta_path = os.path.join(directory, "member.json")
+    meta_path = os.path.join(directory, MEMBER_FILE)
     if not os.path.exists(meta_path):
         raise FileNotFoundError(f"{directory} is not an out-of-fold member folder: it has no member.json "
                                 "(write one with `python -m jobs.cv`)")

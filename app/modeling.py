@@ -47,6 +47,7 @@ from app.formatting import CUE_KINDS, build_pair_encoder
 from app.tiny import is_random_name, random_model_path
 
 CHECKPOINT_META = "arena.json"
+PROMPTING_METHOD = "prompting"  # arena.json "method" of a prompting checkpoint (app/fewshot.py)
 CHECKPOINT_FORMAT = 2
 READABLE_FORMATS = (1, 2)  # 1: full-weight encoder checkpoints from before model kinds and adapters
 
