@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 # families), which full finetuning and full-weight prediction need not pay.
 
 
-def build_4bit_config(config: Config, skip_modules: list[str]) -> BitsAndBytesConfig:
+def build_4bit_config(config: Config, skip_modules: list[str], for_training: bool = True) -> BitsAndBytesConfig:
     """QLoRA's 4-bit quantization of the base; `skip_modules` (a fresh head) stay unquantized."""
     adapter = config.adapter
     dtype = model_dtype(config.model.dtype)
@@ -39,9 +39,27 @@ def build_4bit_config(config: Config, skip_modules: list[str]) -> BitsAndBytesCo
         bnb_4bit_quant_type=adapter.quant_type,
         bnb_4bit_use_double_quant=adapter.double_quant,
         bnb_4bit_compute_dtype=dtype if adapter.compute_dtype == "auto" else DTYPES[adapter.compute_dtype],
-        bnb_4bit_quant_storage=dtype,
+        bnb_4bit_quant_storage=quant_storage_dtype(config, for_training),
         llm_int8_skip_modules=skip_modules or None,  # None keeps transformers' default: the LM head
     )
+
+
+def quant_storage_dtype(config: Config, for_training: bool) -> torch.dtype:
+    """The container dtype of the packed 4-bit weights (its size is the same whatever the dtype).
+
+    It must be the dtype the rest of the module ends up in: DeepSpeed's bf16 / fp16 modes cast every floating
+    parameter of the module to that dtype (`module.half()`, or zero.Init's dtype under ZeRO-3), and packed
+    bytes stored as fp32 would be converted value by value into garbage weights, silently (on a T4 / V100,
+    fp16 training with model.dtype=auto gave fp32 storage). So under DeepSpeed training the storage follows
+    the training precision; elsewhere the model dtype (ZeRO-3 shards the packed weights like any other only
+    if all share one dtype)."""
+    if for_training and config.deepspeed.enabled:
+        from app.deepspeed import default_device, resolve_training_precision
+
+        precision = resolve_training_precision(config.train.precision, default_device(config))
+        if precision != "fp32":
+            return DTYPES[precision]
+    return model_dtype(config.model.dtype)
 
 
 def build_8bit_config(skip_modules: list[str]) -> BitsAndBytesConfig:
@@ -56,7 +74,8 @@ def quantization_config(config: Config, path: str, for_inference: bool) -> BitsA
     if for_inference and config.adapter.load_in_8bit_for_inference:
         return build_8bit_config(planned_head_module_names(path, config.model.kind))
     if config.adapter.method == "qlora":
-        return build_4bit_config(config, planned_head_module_names(path, config.model.kind))
+        return build_4bit_config(config, planned_head_module_names(path, config.model.kind),
+                                 for_training=not for_inference)
     return None
 
 

@@ -239,6 +239,14 @@ class RunConfig(_Section):
     keep_checkpoints: int = Field(2, ge=1, description="best k by validation log loss")
     max_failures: int = Field(0, ge=0, description="worker failures survived by restarting from the last checkpoint")
     resume: bool = Field(True, description="a run whose name already has checkpoints continues from its latest one")
+    staging_dir: str | None = Field(
+        None, description="local folder on each worker's node where a checkpoint is written before Ray Train uploads "
+                          "it to storage_path: the node's fast disk (cluster.yaml mounts instance NVMe at "
+                          "/mnt/local_nvme on GPU nodes); None = the system temp folder")
+    checkpoint_upload: Literal["auto", "sync", "async"] = Field(
+        "auto", description="async: training goes on while a checkpoint uploads (Ray Train's CheckpointUploadMode."
+                            "ASYNC; the staged copy is deleted after upload); sync: report waits for the upload; "
+                            "auto = async when storage_path is a URI (s3://...), sync for a local or shared folder")
 
 
 class PredictConfig(_Section):

@@ -39,6 +39,7 @@ from typing import Any, Literal
 
 import torch
 
+from app import collectives
 from app.config import Config
 
 NEVER_PRINT_STEPS = 10**9  # DeepSpeed's own step logging; our loop prints its own lines
@@ -168,10 +169,10 @@ def zero3_loading(ds_config: dict[str, Any]) -> Iterator[Any]:
     import deepspeed
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and not deepspeed.comm.is_initialized():
+    if collectives.is_distributed() and not deepspeed.comm.is_initialized():
         # DeepSpeed reads the world size from its own comm layer when it checks the batch sizes: adopt the
         # process group Ray Train started (without this it sees a world of 1 and rejects train_batch_size).
-        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+        deepspeed.init_distributed(dist_backend=collectives.backend())
     registration = HfDeepSpeedConfig(ds_config)  # holds the weakref target: must outlive from_pretrained
     try:
         yield registration
@@ -188,5 +189,5 @@ def shutdown_engine(engine: Any) -> None:
     engine.destroy()
     if deepspeed.comm.is_initialized():
         deepspeed.comm.destroy_process_group()
-    elif torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    else:
+        collectives.destroy_process_group()

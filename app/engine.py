@@ -37,7 +37,7 @@ class Stepper(Protocol):
     def backward(self, loss: torch.Tensor, boundary: bool) -> None: ...
     def step(self) -> None: ...
     def lr(self) -> float: ...
-    def export_state_dict(self) -> dict[str, torch.Tensor] | None: ...
+    def export_state_dict(self, keep: bool) -> dict[str, torch.Tensor] | None: ...
     def save_state(self, directory: str, rank: int) -> None: ...
     def load_state(self, directory: str) -> None: ...
     def close(self) -> None: ...
@@ -55,7 +55,7 @@ def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.AdamW
         if param.requires_grad:
             parts = name.split(".")
             is_head = "lora_" not in name and any(part in HEAD_MODULES for part in parts)
-            decays = param.ndim >= 2 and "norm" not in name.lower()
+            decays = len(parameter_shape(param)) >= 2 and "norm" not in name.lower()
             groups.setdefault((is_head, decays), []).append(param)
     return torch.optim.AdamW(
         [{"params": params, "lr": config.train.lr * (config.train.head_lr_scale if is_head else 1.0),
@@ -63,6 +63,12 @@ def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.AdamW
          for (is_head, decays), params in groups.items()],
         lr=config.train.lr, fused=False,
     )
+
+
+def parameter_shape(param: torch.nn.Parameter) -> torch.Size:
+    """A parameter's real shape: under ZeRO-3 each rank holds an empty 1-D placeholder, and DeepSpeed keeps the
+    full shape in `ds_shape`."""
+    return getattr(param, "ds_shape", param.shape)
 
 
 def cosine_with_warmup(warmup_steps: int, total_steps: int):
@@ -120,7 +126,7 @@ class TorchStepper:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    def export_state_dict(self) -> dict[str, torch.Tensor] | None:
+    def export_state_dict(self, keep: bool) -> dict[str, torch.Tensor] | None:
         return None  # the unwrapped model holds the full weights on every rank
 
     def save_state(self, directory: str, rank: int) -> None:
@@ -183,8 +189,10 @@ class DeepSpeedStepper:
     def lr(self) -> float:
         return self.engine.get_lr()[0]
 
-    def export_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """Under ZeRO-3 gather the trained parameters (all of them, or adapter + head) to every rank, on CPU."""
+    def export_state_dict(self, keep: bool) -> dict[str, torch.Tensor] | None:
+        """Under ZeRO-3 gather the trained parameters (all, or adapter + head) one at a time. Every rank must join
+        the gathers (collectives); only the rank that saves the export (`keep`) copies them to host memory, the
+        others return None. Stages 0-2 hold whole parameters on every rank: None."""
         if not self.zero3:
             return None
         import deepspeed
@@ -194,9 +202,12 @@ class DeepSpeedStepper:
         names = [name for name, param in module.named_parameters() if param.requires_grad or not adapter_only]
         params = dict(module.named_parameters())
         state: dict[str, torch.Tensor] = {}
-        for name in names:  # one parameter at a time: no rank ever holds the whole model twice
+        for name in names:  # one parameter at a time: no rank ever holds the whole model on its device
             with deepspeed.zero.GatheredParameters([params[name]], modifier_rank=None):
-                state[name] = params[name].detach().to("cpu", copy=True)
+                if keep:
+                    state[name] = params[name].detach().to("cpu", copy=True)
+        if not keep:
+            return None
         if not adapter_only:
             for name, buffer in module.named_buffers():
                 state[name] = buffer.detach().to("cpu", copy=True)

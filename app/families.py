@@ -49,14 +49,16 @@ def model_dtype(choice: str) -> torch.dtype:
     return DTYPES[choice]
 
 
-def load_network(config: Config, path: str, tokenizer: Any, **load_kwargs: Any) -> PreTrainedModel:
+def load_network(config: Config, path: str, tokenizer: Any, dtype: torch.dtype | None = None,
+                 **load_kwargs: Any) -> PreTrainedModel:
     """The transformers model of `config.model.kind` from `path` (pretrained weights or a full checkpoint).
 
-    `load_kwargs` go to `from_pretrained` (e.g. quantization_config). Sequence classifiers get 3 labels, and
-    decoders the tokenizer's pad id as `config.pad_token_id`.
+    `dtype` overrides `model.dtype` (training loads trained weights as fp32 masters); `load_kwargs` go to
+    `from_pretrained` (e.g. quantization_config). Sequence classifiers get 3 labels, and decoders the
+    tokenizer's pad id as `config.pad_token_id`.
     """
     model = config.model
-    kwargs: dict[str, Any] = {"dtype": model_dtype(model.dtype)}
+    kwargs: dict[str, Any] = {"dtype": dtype or model_dtype(model.dtype)}
     if model.attn_implementation is not None:
         kwargs["attn_implementation"] = model.attn_implementation
     if model.kind in SEQUENCE_CLASSIFIER_KINDS:

@@ -22,6 +22,7 @@ import contextlib
 import math
 import os
 import random
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,8 +33,8 @@ import ray.data
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
 
+from app import collectives
 from app.batching import MicroBatch, micro_batches, pairs_per_micro_batch, token_budget_batches
 from app.config import Config, validate_config
 from app.engine import Stepper, build_stepper
@@ -53,6 +54,13 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def seed_rank(seed: int, rank: int) -> None:
+    """Give each rank random streams of its own (dropout masks): with one seed on every rank, all of them drop
+    the same units. Called after the model is built from the shared seed, so initial weights stay identical
+    (DDP and DeepSpeed broadcast rank 0's anyway)."""
+    seed_everything(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
 
 
 def batches_per_epoch(n_rows: int, batch_size: int, group_batches: int) -> int:
@@ -111,8 +119,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, float]]
     # ZeRO-3: while open, from_pretrained builds each rank's partition only (kept open for the whole run).
     with zero3_loading(config, world):
         stepper = build_stepper(build_model(config), config, total_steps, device, world)
+        seed_rank(config.seed, rank)  # a resume restores the rank's own stream from its checkpoint instead
         try:
             checkpoint = ray.train.get_checkpoint()
+            if rank == 0:
+                print(f"checkpoints: staged in {config.run.staging_dir or tempfile.gettempdir()}, "
+                      f"{upload_mode(config).value.lower()} upload to {config.run.storage_path}", flush=True)
             if checkpoint is not None:
                 progress = restore(checkpoint, stepper, rank, world)
                 if rank == 0:
@@ -241,9 +253,7 @@ def evaluate(model, valid_data, config: Config, device, stepper: Stepper, pad_id
     lockstep = config.deepspeed.enabled and config.deepspeed.stage == 3 and world > 1
     n_forwards = len(jobs)
     if lockstep:
-        counts = torch.tensor([len(jobs)])
-        dist.all_reduce(counts, op=dist.ReduceOp.MAX)
-        n_forwards = int(counts)
+        n_forwards = int(collectives.all_reduce(torch.tensor([len(jobs)]), device, op="max").item())
     probs = [np.zeros((len(window["input_ids"]), 3)) for window in windows]
     for job in range(n_forwards):
         if job < len(jobs):
@@ -257,10 +267,7 @@ def evaluate(model, valid_data, config: Config, device, stepper: Stepper, pad_id
             probs[window_index][batch] = softmax(logits.float().cpu().numpy())
     local = (np.concatenate(probs) if probs else np.zeros((0, 3)),
              np.concatenate([window["label"] for window in windows]) if windows else np.zeros(0, int))
-    gathered = [local]
-    if dist.is_available() and dist.is_initialized() and world > 1:
-        gathered = [None] * world
-        dist.all_gather_object(gathered, local)
+    gathered = collectives.all_gather_objects(local, world) if collectives.is_distributed() and world > 1 else [local]
     all_probs = np.concatenate([part[0] for part in gathered])
     all_labels = np.concatenate([part[1] for part in gathered]).astype(np.int64)
     return {**score(all_probs, all_labels), "rows": float(len(all_labels))}
@@ -277,8 +284,10 @@ def report(metrics: dict[str, float], stepper: Stepper, tokenizer, config: Confi
     folder. At the end of an epoch (`export`) rank 0 adds the inference export (weights, tokenizer, arena.json)
     and `files` (relative path -> content)."""
     name = f"epoch_{progress.epoch:03d}" + ("" if export else f"_step_{progress.step:06d}")
-    state_dict = stepper.export_state_dict() if export else None  # a collective under ZeRO-3: every rank calls it
-    with tempfile.TemporaryDirectory() as directory:
+    # A collective under ZeRO-3: every rank joins the gathers, only rank 0 (which saves) keeps a host copy.
+    state_dict = stepper.export_state_dict(keep=rank == 0) if export else None
+    directory = staging_directory(config, name, rank)
+    try:
         if export and rank == 0:
             save_checkpoint(directory, unwrap(stepper.model), tokenizer, config, metrics, progress.epoch,
                             state_dict=state_dict, meta=meta)
@@ -290,9 +299,32 @@ def report(metrics: dict[str, float], stepper: Stepper, tokenizer, config: Confi
         torch.save({"progress": asdict(progress), "torch_rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                    os.path.join(directory, PROGRESS_FILE.format(rank=rank)))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=name)
+        # Ray Train uploads the staged folder to run.storage_path (in the background when async) and deletes it.
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=name,
+                         checkpoint_upload_mode=upload_mode(config), delete_local_checkpoint_after_upload=True)
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
     if rank == 0 and export:
         print(f"epoch {progress.epoch} done: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+
+
+def upload_mode(config: Config) -> ray.train.CheckpointUploadMode:
+    """`run.checkpoint_upload`; auto = async for URI storage (s3://...: training goes on during the upload, only
+    writing the staged copy blocks), sync for a local or shared folder (a copy on the same disks)."""
+    choice = config.run.checkpoint_upload
+    if choice == "auto":
+        choice = "async" if "://" in config.run.storage_path else "sync"
+    return ray.train.CheckpointUploadMode.ASYNC if choice == "async" else ray.train.CheckpointUploadMode.SYNC
+
+
+def staging_directory(config: Config, name: str, rank: int) -> str:
+    """A new folder for one rank's part of checkpoint `name`, under `run.staging_dir` (the node's fast disk; None
+    = the system temp folder): everything a checkpoint holds is written here before Ray Train uploads it."""
+    root = config.run.staging_dir
+    if root is not None:
+        os.makedirs(root, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f"{name}-rank{rank}-", dir=root)
 
 
 def restore(checkpoint: ray.train.Checkpoint, stepper: Stepper, rank: int, world: int) -> Progress:

@@ -25,6 +25,7 @@ from transformers import AutoTokenizer
 
 from app.adapters import (
     apply_adapter,
+    build_4bit_config,
     keep_4bit_compute_dtype_on_cpu,
     load_adapter,
     merge_adapter_weights,
@@ -40,6 +41,7 @@ from app.families import (
     label_token_ids,
     load_network,
     model_dtype,
+    planned_head_module_names,
     unwrap_network,
     wrap_network,
 )
@@ -90,16 +92,46 @@ def build_model(config: Config) -> torch.nn.Module:
 
     Under qlora the base is loaded in 4-bit (a sequence classifier's fresh head stays unquantized), then
     LoRA is applied; `model.gradient_checkpointing` recomputes activations (non-reentrant) to save memory.
+
+    Trained weights are fp32 masters whatever `model.dtype` says: at lr 1e-5 most AdamW updates of a bf16
+    weight round away (a norm gain at 1.0 moves in steps of 2^-7). A full finetune loads in fp32; LoRA / QLoRA
+    keep the frozen base in `model.dtype` and upcast what trains (peft's LoRA weights are fp32 already, the
+    head copy is not). The forward pass computes under 16-bit autocast (`train.precision`) and full-weight
+    exports are written in `model.dtype`. DeepSpeed's bf16 / fp16 modes cast the module themselves and keep
+    the fp32 masters in the ZeRO optimizer, so there the weights load in `model.dtype`.
     """
     kind = config.model.kind
     tokenizer = build_tokenizer(config)
     path = resolve_model_path(config.model.name_or_path)
+    masters = keeps_fp32_masters(config)
     quantization = quantization_config(config, path, for_inference=False)
-    network = load_network(config, path, tokenizer, **({"quantization_config": quantization} if quantization else {}))
+    network = load_network(config, path, tokenizer,
+                           dtype=torch.float32 if masters and config.adapter.method == "full" else None,
+                           **({"quantization_config": quantization} if quantization else {}))
     if config.model.gradient_checkpointing:
         network.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     network = apply_adapter(network, config, head_module_names(network, kind))
+    if masters:
+        for param in network.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
     return wrap_network(network, config, tokenizer)
+
+
+def keeps_fp32_masters(config: Config) -> bool:
+    """Whether the trained weights themselves are fp32: everywhere but DeepSpeed's bf16 / fp16 modes, whose
+    engine keeps the fp32 masters in its optimizer. Call it on the worker: 'auto' precision for a GPU needs
+    the GPU to resolve."""
+    if not config.deepspeed.enabled:
+        return True
+    from app.deepspeed import default_device, resolve_training_precision
+
+    return resolve_training_precision(config.train.precision, default_device(config)) == "fp32"
+
+
+def export_dtype(config: Config) -> torch.dtype:
+    """The dtype full weights are exported in for inference: `model.dtype` (bf16 on GPUs that have it)."""
+    return model_dtype(config.model.dtype)
 
 
 def uses_segments(model: torch.nn.Module) -> bool:
@@ -190,11 +222,40 @@ def save_checkpoint(
     if state_dict is not None:
         state_dict = _network_state_dict(getattr(model, "module", model), network, state_dict)
     if config.adapter.method == "full":
-        network.save_pretrained(directory, state_dict=state_dict)
+        weights = state_dict if state_dict is not None else network.state_dict()
+        dtype = export_dtype(config)
+        network.save_pretrained(directory, state_dict=in_dtype(weights, dtype))
+        record_weights_dtype(directory, dtype)
     else:
         save_adapter(network, directory, state_dict)
     tokenizer.save_pretrained(directory)
     write_checkpoint_meta(directory, config, {"epoch": epoch, "metrics": metrics, **(meta or {})})
+
+
+def in_dtype(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The floating-point tensors as host copies in `dtype` (training's fp32 masters -> a bf16 export; no copy
+    where nothing changes), other tensors unchanged. Tied weights stay one tensor."""
+    cast: dict[int, torch.Tensor] = {}  # storage pointer -> its cast copy
+    result = {}
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point():
+            pointer = tensor.untyped_storage().data_ptr()
+            if pointer not in cast:
+                cast[pointer] = tensor.detach().to("cpu", dtype)
+            tensor = cast[pointer]
+        result[name] = tensor
+    return result
+
+
+def record_weights_dtype(directory: str, dtype: torch.dtype) -> None:
+    """Make config.json name the dtype its weights were written in (transformers records the live model's:
+    fp32 masters), so that `from_pretrained(dtype="auto")` loads the export as it is."""
+    path = os.path.join(directory, "config.json")
+    with open(path, encoding="utf-8") as handle:
+        hf_config = json.load(handle)
+    hf_config["dtype"] = str(dtype).removeprefix("torch.")
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(hf_config, handle, indent=2, sort_keys=True)
 
 
 def _network_state_dict(
@@ -290,7 +351,8 @@ def merge_adapter(checkpoint_dir: str, out_dir: str) -> str:
     tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
     base = resolve_model_path(config.model.name_or_path)
     if method == "qlora":
-        quantization = quantization_config(config, base, for_inference=False)  # the 4-bit base of training
+        # the 4-bit base of training, outside any DeepSpeed engine (the storage dtype does not change the weights)
+        quantization = build_4bit_config(config, planned_head_module_names(base, config.model.kind), for_training=False)
         network = load_network(config, base, tokenizer, quantization_config=quantization, device_map={"": "cpu"})
         network = network.dequantize(dtype=model_dtype(config.model.dtype))
     else:

@@ -194,3 +194,40 @@ def test_peft_and_bitsandbytes_configs_come_from_the_adapter_section():
     eight = tiny_config("decoder", "random:llama-tiny", "qlora", **{"adapter.load_in_8bit_for_inference": True})
     assert quantization_config(eight, path, for_inference=True).load_in_8bit
     assert quantization_config(eight, path, for_inference=False).load_in_4bit
+
+
+def test_under_deepspeed_fp16_the_4bit_storage_is_fp16(monkeypatch):
+    """On a GPU without bf16 (T4, V100) model.dtype=auto is fp32, and DeepSpeed's fp16 mode casts every
+    floating-point parameter of the module to fp16: packed 4-bit bytes stored as fp32 would be converted value
+    by value. The storage follows the training precision under DeepSpeed (and the model dtype elsewhere)."""
+    import peft  # noqa: F401  (bitsandbytes picks its CPU kernels at import, before the GPU is simulated)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    gpu = {"model.dtype": "auto", "scaling.use_gpu": True, "train.precision": "auto"}
+    deepspeed = tiny_config("decoder", "random:llama-tiny", "qlora", **gpu, **{"deepspeed.enabled": True})
+    assert build_4bit_config(deepspeed, ["score"]).bnb_4bit_quant_storage == torch.float16
+    assert build_4bit_config(deepspeed, ["score"], for_training=False).bnb_4bit_quant_storage == torch.float32
+    plain = tiny_config("decoder", "random:llama-tiny", "qlora", **gpu)
+    assert build_4bit_config(plain, ["score"]).bnb_4bit_quant_storage == torch.float32  # nothing casts it
+
+
+@pytest.mark.parametrize("storage", [torch.float16, torch.float32])
+def test_casting_the_module_to_fp16_keeps_4bit_weights_only_in_fp16_storage(storage):
+    """What DeepSpeed's fp16 mode does to a QLoRA base (module.half()), on bitsandbytes' CPU kernels: fp16
+    storage is left as it is, and the layer computes what it did; fp32 storage is converted element by element
+    and the packed weights are lost (here the layer can no longer even be run)."""
+    torch.manual_seed(0)
+    weight, inputs = torch.randn(64, 64), torch.randn(5, 64)
+    layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4", quant_storage=storage)
+    layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", quant_storage=storage)
+    layer = layer.to("cpu")
+    with torch.no_grad():
+        before = layer(inputs)
+        layer.half()
+        if storage == torch.float32:
+            with pytest.raises(RuntimeError):
+                layer(inputs.half())
+            return
+        after = layer(inputs.half()).float()
+    torch.testing.assert_close(after, before, atol=0.02, rtol=0.01)  # only the fp16 input's rounding

@@ -156,13 +156,20 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=0)
 
 
-def test_dtype_and_attention_implementation_reach_the_model():
+def test_dtype_and_attention_implementation_reach_the_model(tmp_path):
+    """model.dtype is the dtype of frozen weights and of exports; what trains is an fp32 master."""
     assert model_dtype("auto") == torch.float32  # no GPU here
-    model, tokenizer, rows = build(tiny_config("decoder_lm", "random:llama-tiny",
-                                               **{"model.dtype": "bf16", "model.attn_implementation": "eager"}))
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    settings = {"model.dtype": "bf16", "model.attn_implementation": "eager"}
+    model, tokenizer, rows = build(tiny_config("decoder_lm", "random:llama-tiny", "lora", **settings))
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
     assert model.config._attn_implementation == "eager"
     assert logits_of(model, tokenizer, rows).shape == (6, 3)
+    config = tiny_config("decoder_lm", "random:llama-tiny", **settings)
+    model, tokenizer, _ = build(config)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    save_checkpoint(str(tmp_path), model, tokenizer, config, {}, epoch=0)
+    assert {p.dtype for p in load_checkpoint(str(tmp_path)).model.parameters()} == {torch.bfloat16}
 
 
 def test_predictor_scores_a_decoder_lm_checkpoint_with_the_answer_cue(tmp_path):

@@ -20,9 +20,19 @@ TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 @pytest.fixture(scope="module")
 def tiny_run(ray_session, tmp_path_factory):
-    storage = tmp_path_factory.mktemp("runs")
-    config = load_config(TINY, {"run.storage_path": str(storage), "run.keep_checkpoints": 1})
+    """Checkpoints staged in a folder of their own and uploaded in the background (Ray Train's async upload,
+    what s3:// storage gets): the run must find and keep them all the same."""
+    storage, staging = tmp_path_factory.mktemp("runs"), tmp_path_factory.mktemp("staging")
+    config = load_config(TINY, {"run.storage_path": str(storage), "run.keep_checkpoints": 1,
+                                "run.staging_dir": str(staging), "run.checkpoint_upload": "async"})
     return config, fit(config)
+
+
+def test_checkpoints_are_staged_then_uploaded_and_the_staged_copies_removed(tiny_run):
+    config, result = tiny_run
+    assert os.listdir(config.run.staging_dir) == []  # each rank's staged folder is deleted after its upload
+    progress = sorted(name for name in os.listdir(result.best_checkpoint) if name.startswith("progress_rank"))
+    assert progress == ["progress_rank0.pt", "progress_rank1.pt"]  # both ranks' parts merged into one folder
 
 
 def test_two_workers_train_and_the_loss_goes_down(tiny_run):
