@@ -3,17 +3,25 @@
 The model of `model.kind` is built on the meta device from its config.json (`build_meta_model`): every
 parameter is counted exactly and nothing is allocated. `lora_targets` applies peft's target_modules rules
 to the linear layers, so LoRA parameters are counted exactly too.
+
+config.json comes from a local folder, or the hub (or its local cache); when that lookup fails (offline
+without the file cached, an unreachable hub, a gated model without a token), the shape the project stored for
+the model (app/model_shapes.py) stands in, and `Architecture.stored_shape` says why.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from app.config import ModelConfig
+from app.config import AdapterConfig, ModelConfig
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 # Linear layers that read the same tensor (sibling projections): one saved input serves all of them.
 SHARED_INPUT_LEAVES = ({"q_proj", "k_proj", "v_proj"}, {"query", "key", "value"}, {"q", "k", "v"},
@@ -75,6 +83,7 @@ class Architecture:
     hidden_dropout: float
     attention_implementation: str
     largest_param: int
+    stored_shape: str | None = None  # why app/model_shapes.py stood in for config.json; None = config.json read
 
     def in_head(self, name: str) -> bool:
         return any(name == head or name.startswith(head + ".") for head in self.head_names)
@@ -127,27 +136,66 @@ def _input_group(name: str) -> tuple[str, bool]:
     return name, False
 
 
-def build_meta_model(model_config: ModelConfig) -> torch.nn.Module:
-    """The transformers model of `model.kind` (with its 3-way head), built on the meta device from config.json
-    only. Call it where no ZeRO-3 config is registered (`from_config` would build under zero.Init)."""
+def load_model_config(model_config: ModelConfig, **kwargs: Any) -> tuple[PretrainedConfig, str | None]:
+    """The model's config.json (`kwargs` set as in from_pretrained), and None; or, when the lookup fails for a
+    model app/model_shapes.py stores, its stored shape and the reason. A local folder always wins.
+
+    Raises:
+        OSError: no config.json could be read and no shape is stored for the model.
+    """
     from transformers import AutoConfig
 
-    from app.data import LABEL_COLUMNS
-    from app.families import AUTO_CLASSES
+    from app.model_shapes import SHAPES, stored_config
     from app.modeling import resolve_model_path
 
+    name = model_config.name_or_path
+    path = resolve_model_path(name)
+    try:
+        return AutoConfig.from_pretrained(path, **kwargs), None
+    except OSError as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if os.path.isdir(path):
+            raise
+        if name not in SHAPES:
+            raise OSError(f"cannot read config.json of {name} ({reason}); shapes are stored only for "
+                          f"{', '.join(SHAPES)} (app/model_shapes.py): pass a local folder, or plan where the "
+                          "hub (or its cache) has the model") from error
+        return stored_config(name, **kwargs), reason
+
+
+def untie_separate_lm_head(model: torch.nn.Module) -> None:
+    """T5 v1.1 / FLAN-T5 keep an lm_head apart from the shared embedding (config.json tie_word_embeddings false).
+    transformers 5's T5Config forces tie_word_embeddings=True (the flag survives as scale_decoder_outputs), so
+    from_config ties them, while from_pretrained unties them when the checkpoint holds both: count both here."""
+    output = model.get_output_embeddings()
+    if getattr(model.config, "scale_decoder_outputs", True) is False and output is not None \
+            and output.weight is model.get_input_embeddings().weight:
+        output.weight = torch.nn.Parameter(torch.empty_like(output.weight))
+
+
+def build_meta_model(model_config: ModelConfig) -> tuple[torch.nn.Module, str | None]:
+    """The transformers model of `model.kind` (with its 3-way head), built on the meta device from config.json
+    only (or the stored shape: the second value says why, else None). Call it where no ZeRO-3 config is
+    registered (`from_config` would build under zero.Init)."""
+    from app.data import LABEL_COLUMNS
+    from app.families import AUTO_CLASSES
+
+    if model_config.kind not in AUTO_CLASSES:
+        raise ValueError(f"model.kind={model_config.kind} has no network to build; the planner answers for it "
+                         "without one (app/memory.plan_memory)")
     extra = {"attn_implementation": model_config.attn_implementation} if model_config.attn_implementation else {}
-    hf_config = AutoConfig.from_pretrained(resolve_model_path(model_config.name_or_path),
-                                           num_labels=len(LABEL_COLUMNS), **extra)
+    hf_config, stored = load_model_config(model_config, num_labels=len(LABEL_COLUMNS), **extra)
     with torch.device("meta"):
-        return AUTO_CLASSES[model_config.kind].from_config(hf_config)
+        model = AUTO_CLASSES[model_config.kind].from_config(hf_config)
+    untie_separate_lm_head(model)
+    return model, stored
 
 
 def read_architecture(model_config: ModelConfig) -> Architecture:
     """Count the parameters and read the shapes the plan needs (no weights are loaded)."""
     from app.families import head_module_names
 
-    model = build_meta_model(model_config)
+    model, stored = build_meta_model(model_config)
     config = model.config
     output = model.get_output_embeddings()
     fresh_head = head_module_names(model, model_config.kind)  # the same rule as training's modules_to_save
@@ -207,6 +255,7 @@ def read_architecture(model_config: ModelConfig) -> Architecture:
                                                        "dropout_rate", "dropout"), 0.0)),
         attention_implementation=config._attn_implementation or "eager",
         largest_param=max(p.numel() for p in model.parameters()),
+        stored_shape=stored,
     )
 
 
@@ -224,3 +273,12 @@ def lora_targets(arch: Architecture, target_modules: str | list[str]) -> list[Li
 def count_lora_parameters(arch: Architecture, r: int, target_modules: str | list[str]) -> int:
     """LoRA A (r x in) and B (out x r) matrices over all targeted layers."""
     return sum(r * (layer.in_features + layer.out_features) for layer in lora_targets(arch, target_modules))
+
+
+def count_trainable_parameters(arch: Architecture, adapter: AdapterConfig) -> int:
+    """Parameters training updates: all of them (full), else the LoRA matrices plus the fresh classifier head
+    that peft's modules_to_save trains fully (adapter.train_head)."""
+    if adapter.method == "full":
+        return arch.total_params
+    head_copy = arch.head_params if adapter.train_head else 0
+    return count_lora_parameters(arch, adapter.r, adapter.target_modules) + head_copy

@@ -248,6 +248,14 @@ class RunConfig(_Section):
                             "ASYNC; the staged copy is deleted after upload); sync: report waits for the upload; "
                             "auto = async when storage_path is a URI (s3://...), sync for a local or shared folder")
 
+    @property
+    def upload(self) -> Literal["sync", "async"]:
+        """`checkpoint_upload` resolved: auto = async for URI storage (the upload runs while training goes on, only
+        writing the staged copy blocks), sync for a local or shared folder (a copy between local disks)."""
+        if self.checkpoint_upload != "auto":
+            return self.checkpoint_upload
+        return "async" if "://" in self.storage_path else "sync"
+
 
 class PredictConfig(_Section):
     """Batch prediction."""

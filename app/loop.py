@@ -310,12 +310,8 @@ def report(metrics: dict[str, float], stepper: Stepper, tokenizer, config: Confi
 
 
 def upload_mode(config: Config) -> ray.train.CheckpointUploadMode:
-    """`run.checkpoint_upload`; auto = async for URI storage (s3://...: training goes on during the upload, only
-    writing the staged copy blocks), sync for a local or shared folder (a copy on the same disks)."""
-    choice = config.run.checkpoint_upload
-    if choice == "auto":
-        choice = "async" if "://" in config.run.storage_path else "sync"
-    return ray.train.CheckpointUploadMode.ASYNC if choice == "async" else ray.train.CheckpointUploadMode.SYNC
+    """Ray Train's upload mode for `run.checkpoint_upload` (resolved by `RunConfig.upload`)."""
+    return ray.train.CheckpointUploadMode.ASYNC if config.run.upload == "async" else ray.train.CheckpointUploadMode.SYNC
 
 
 def staging_directory(config: Config, name: str, rank: int) -> str:

@@ -1,25 +1,30 @@
 """How much accelerator memory one training worker needs, estimated from the config before any job starts.
 
 The architecture comes from the model's config.json (app/architecture.py builds it on the meta device, so
-every parameter is counted exactly). Per worker, in bytes:
+every parameter is counted exactly; offline, the shape app/model_shapes.py stores for the model). A model
+without a network (model.kind=tfidf_xgb) needs no accelerator memory. Per worker, in bytes:
 
-  weights         every parameter in the weight dtype. QLoRA stores the body's linear weights as 4-bit NF4
+  weights         every parameter in the weight dtype: model.dtype, except that a full finetune without
+                  DeepSpeed holds fp32 weights (the master copy) and DeepSpeed's bf16 / fp16 modes cast the
+                  module to that precision. QLoRA stores the body's linear weights as 4-bit NF4
                   (`nf4_bytes_per_param`); peft's prepare_model_for_kbit_training upcasts the rest
                   (embeddings, norms, head) to fp32, except under ZeRO-3. ZeRO-3 divides by the world
                   size; parameter offload moves them to the CPU.
   adapter         LoRA A/B matrices (r x (in + out) per targeted layer, exact) and the trained copy of a
                   classifier head that peft's modules_to_save keeps beside the frozen one.
   gradients       trained parameters only, in their dtype; ZeRO-2/3 divide by the world size.
-  optimizer       torch AdamW's two moments in the parameter dtype; a DeepSpeed ZeRO optimizer keeps them in
-                  fp32 plus an fp32 master copy (12 bytes per trained parameter; Rajbhandari et al. 2020,
-                  "ZeRO"). ZeRO-1+ divides by the world size; optimizer offload moves them to the CPU.
+  optimizer       without DeepSpeed every trained parameter is fp32 (full weights, LoRA matrices, the head
+                  copy), so torch AdamW's two moments are fp32: 8 bytes per trained parameter. A DeepSpeed
+                  ZeRO optimizer keeps fp32 moments plus an fp32 master copy of its 16-bit weights (12 bytes;
+                  Rajbhandari et al. 2020, "ZeRO"). ZeRO-1+ divides by the world size; optimizer offload moves
+                  them to the CPU.
   optimizer step  the AdamW step's temporaries (foreach on GPUs: one state-sized tensor; per tensor on the
                   CPU), or DeepSpeed's fp32 gradient partition.
   activations     what autograd saves for the backward pass at train.batch_size x format.max_length tokens
                   (every batch padded to the full length, the worst case): `block_activation_bytes`.
   evaluation      the no-grad validation forward pass at train.eval_batch_size rows: `_evaluation_bytes`.
   buffers         DDP gradient buckets, DeepSpeed communication buckets and ZeRO-3 gathered parameters,
-                  16-bit weight copies made by autocast, the 4-bit weight being dequantized.
+                  16-bit copies that autocast makes of fp32 weights, the 4-bit weight being dequantized.
   overhead        CUDA context, cuBLAS workspaces and allocator slack: a fixed 1 GiB on GPUs, 0 on the CPU.
 
 Training peaks at weights + adapter + optimizer + buffers + overhead + max(activations, gradients + step):
@@ -44,7 +49,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from app.architecture import Architecture, Block, LinearLayer, count_lora_parameters, lora_targets, read_architecture
+from app.architecture import (
+    Architecture,
+    Block,
+    LinearLayer,
+    count_lora_parameters,
+    count_trainable_parameters,
+    lora_targets,
+    read_architecture,
+)
 from app.config import Config
 
 GIB = 2**30
@@ -71,7 +84,7 @@ class Precision:
     weight: int  # frozen and (full finetuning) trained weights
     trainable: int  # trained parameters, their gradients and torch AdamW's moments
     activation: int  # activations saved for the backward pass
-    autocast_copies: bool  # fp32 weights cast to 16 bit in every matmul (torch.autocast)
+    autocast: bool  # 16-bit torch.autocast over the model (without DeepSpeed): fp32 weights are cast per matmul
     residual: int = 0  # the residual stream's width where it differs from `activation` (0 = the same)
 
     @property
@@ -79,34 +92,50 @@ class Precision:
         return self.residual or self.activation
 
 
+def resolve_model_dtype(config: Config, device: torch.device) -> str:
+    """`model.dtype` on `device`: 'auto' = bf16 on GPUs that have it (assumed for a GPU planned from a machine
+    without one), else fp32. The dtype frozen weights load in and full-weight exports are written in."""
+    if config.model.dtype != "auto":
+        return config.model.dtype
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if not torch.cuda.is_available() or torch.cuda.is_bf16_supported() else "fp32"
+
+
 def resolve_precision(config: Config, device: torch.device, notes: list[str]) -> Precision:
-    """Weight, trainable and activation dtypes (DeepSpeed casts the module to its precision itself)."""
+    """Weight, trainable and activation dtypes.
+
+    DeepSpeed casts the module to its 16-bit precision and keeps the fp32 masters in its optimizer. Without
+    DeepSpeed every trained parameter is fp32 under 16-bit autocast (app/engine.py): a full finetune loads its
+    weights in fp32 (the master copy), lora / qlora keep the frozen base in model.dtype with peft's fp32 LoRA
+    weights and the trained head copy upcast to fp32.
+    """
     from app.deepspeed import resolve_training_precision
 
     if device.type == "cuda" and not torch.cuda.is_available():
         notes.append("planned for a GPU from a machine without one: 'auto' dtypes assume bf16 (Ampere or newer)")
         train = "bf16" if config.train.precision == "auto" else config.train.precision
-        weight = "bf16" if config.model.dtype == "auto" else config.model.dtype
     else:
         train = resolve_training_precision(config.train.precision, device,
                                            bf16_on_cpu=config.train.cpu_bf16 and not config.deepspeed.enabled)
-        weight = config.model.dtype
-        if weight == "auto":
-            weight = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if config.deepspeed.enabled and train != "fp32":
+    weight = resolve_model_dtype(config, device)
+    deepspeed_16bit = config.deepspeed.enabled and train != "fp32"
+    if deepspeed_16bit:
         weight = train  # the engine casts the module; fp32 masters live in the optimizer
+    elif config.adapter.method == "full":
+        weight = "fp32"  # the master copy (app.modeling.keeps_fp32_masters); autocast computes in train.precision
     weight_bytes, train_bytes = DTYPE_BYTES[weight], DTYPE_BYTES[train]
-    adapters_fp32 = config.adapter.method != "full" and not (config.deepspeed.enabled and train != "fp32")
     # QLoRA outside ZeRO-3: prepare_model_for_kbit_training upcasts the embeddings (and norms) to fp32, so the
     # residual stream is fp32, and bitsandbytes' 4-bit linears return their input's dtype: the MLP's saved
     # tensors and the blocks' inputs are fp32 (measured on an H200, docs/BENCHMARKS.md "GPU ... QLoRA").
-    fp32_residual = config.adapter.method == "qlora" and not (config.deepspeed.enabled and config.deepspeed.stage == 3)
+    zero3 = config.deepspeed.enabled and config.deepspeed.stage == 3
+    fp32_residual = config.adapter.method == "qlora" and not zero3
     activation = min(weight_bytes, train_bytes)
-    return Precision(  # peft keeps LoRA weights in fp32 on a 16-bit base (autocast_adapter_dtype)
+    return Precision(
         weight=weight_bytes,
-        trainable=4 if adapters_fp32 else weight_bytes,
+        trainable=weight_bytes if deepspeed_16bit else 4,
         activation=activation,
-        autocast_copies=train_bytes == 2 and weight_bytes == 4 and not config.deepspeed.enabled,
+        autocast=train_bytes == 2 and not config.deepspeed.enabled,
         residual=4 if fp32_residual and activation < 4 else 0,
     )
 
@@ -210,17 +239,35 @@ class MemoryPlan:
     total_params: int
     trainable_params: int
     notes: tuple[str, ...] = field(default=())
+    architecture: Architecture | None = field(default=None, repr=False, compare=False)  # what was planned for
 
     @property
     def peak_bytes(self) -> int:
         return max(self.training_peak_bytes, self.evaluation_peak_bytes)
 
+    @property
+    def needs_accelerator(self) -> bool:
+        return bool(self.components)
+
     def fits(self, limit_bytes: float, headroom: float = HEADROOM) -> bool:
         """Whether the peak fits in `limit_bytes` with `headroom` of it left free."""
         return self.peak_bytes <= limit_bytes * (1 - headroom)
 
+    def describe_fit(self, limit_gb: float | None) -> tuple[bool, str]:
+        """Whether the plan fits `limit_gb` GiB (None = not checked), and a line that says so."""
+        if not self.needs_accelerator:
+            return True, "fits: nothing to fit (no accelerator memory needed)"
+        if limit_gb is None:
+            return True, "fits: not checked (set scaling.accelerator_memory_gb=<GiB per worker>)"
+        usable = limit_gb * GIB * (1 - HEADROOM)
+        fits = self.fits(limit_gb * GIB)
+        return fits, (f"fits: {'yes' if fits else 'NO'} ({self.peak_bytes / GIB:.2f} GiB of {usable / GIB:.2f} GiB "
+                      f"usable = {limit_gb} GiB less {HEADROOM:.0%} headroom)")
+
     def render(self) -> str:
         """A small table in GiB."""
+        if not self.needs_accelerator:
+            return "\n".join([self.description, *(f"  note: {note}" for note in self.notes)])
         width = max(len("evaluation peak"), *map(len, self.components)) + 2
         lines = [self.description]
         lines += [f"  {name:<{width}}{value / GIB:9.3f} GiB" for name, value in self.components.items()]
@@ -305,10 +352,16 @@ def plan_memory(config: Config, world_size: int | None = None, architecture: Arc
         world_size: data-parallel workers; default `scaling.num_workers`.
         architecture: a pre-read `read_architecture(config.model)` (saves reading it again).
     """
+    if config.model.kind == "tfidf_xgb":
+        return MemoryPlan({}, 0, 0, "0", "model.kind=tfidf_xgb (TF-IDF features, XGBoost on CPU workers): no "
+                          "accelerator memory needed", 0, 0)
     world = world_size or config.scaling.num_workers
     device = torch.device("cuda" if config.scaling.use_gpu else "cpu")
     notes: list[str] = []
     arch = architecture or read_architecture(config.model)
+    if arch.stored_shape:
+        notes.append(f"shape of {config.model.name_or_path} from the project's stored facts (app/model_shapes.py): "
+                     f"its config.json could not be read ({arch.stored_shape})")
     precision = resolve_precision(config, device, notes)
     adapter, speed = config.adapter, config.deepspeed
     stage = speed.stage if speed.enabled else 0
@@ -334,15 +387,15 @@ def plan_memory(config: Config, world_size: int | None = None, architecture: Arc
     if full:
         adapter_bytes, trained = 0, arch.total_params * precision.weight
     else:
-        adapter_bytes = lora_params * precision.trainable + head_copy * unquantized_bytes
+        adapter_bytes = (lora_params + head_copy) * precision.trainable
         trained = adapter_bytes
-    trainable_params = arch.total_params if full else lora_params + head_copy
+    trainable_params = count_trainable_parameters(arch, adapter)
     gradients = trained
     if speed.enabled:  # fp32 moments, plus an fp32 master copy in every ZeRO optimizer and for 16-bit weights
         master = stage >= 1 or precision.weight == 2
         optimizer = (12 if master else 8) * trainable_params
     else:
-        optimizer = 2 * trained  # torch AdamW: exp_avg and exp_avg_sq like each parameter
+        optimizer = 2 * trained  # torch AdamW: exp_avg and exp_avg_sq like each (fp32) trained parameter
     largest_trained = arch.largest_param if full else max(
         [adapter.r * max(layer.in_features, layer.out_features) for layer in arch.linears if layer.name in lora]
         + [head_copy])
@@ -370,8 +423,10 @@ def plan_memory(config: Config, world_size: int | None = None, architecture: Arc
             weights, adapter_bytes = 0, 0
     elif world > 1:
         buffers += trained  # DDP's gradient buckets (a flat copy of the gradients)
-    cast = arch.linears if adapter.method != "qlora" else [layer for layer in arch.linears if arch.in_head(layer.name)]
-    if precision.autocast_copies:  # 16-bit copies of fp32 weights, saved by the matmuls that use them
+    if precision.autocast:  # 16-bit copies of fp32 weights, saved by the matmuls that use them
+        fp32_body = precision.weight == 4 and adapter.method != "qlora"
+        fp32_head = precision.weight == 4 or unquantized_bytes == 4 or head_copy > 0  # the trained copy is fp32
+        cast = [layer for layer in arch.linears if (fp32_head if arch.in_head(layer.name) else fp32_body)]
         buffers += sum(layer.weight_params for layer in cast) * 2
     if adapter.method == "qlora":  # a 4-bit weight is dequantized to the compute dtype for its matmul
         buffers += max(layer.weight_params for layer in arch.body_linears) * precision.activation
@@ -399,7 +454,7 @@ def plan_memory(config: Config, world_size: int | None = None, architecture: Arc
                   "overhead": overhead}
     return MemoryPlan({name: int(value) for name, value in components.items()}, int(training),
                       int(resident + evaluation), formula, description, arch.total_params, trainable_params,
-                      tuple(notes))
+                      tuple(notes), arch)
 
 
 def check_fits(config: Config, world_size: int | None = None) -> MemoryPlan | None:

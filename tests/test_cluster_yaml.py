@@ -1,18 +1,23 @@
-"""cluster.yaml: valid for Ray's own cluster launcher, and shaped for this project's GPU presets."""
+"""cluster.yaml: valid for Ray's own cluster launcher, true to the instance facts of app/hardware.py, and shaped
+for this project's GPU presets (pinned GPU types, memory, the staging disk they checkpoint to)."""
 
 import importlib.resources
 import json
 import math
+import os
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import jsonschema
 import pytest
 import ray
+import ray.util.accelerators.accelerators as ray_accelerators
 import yaml
 
 from app.config import load_config
+from app.hardware import INSTANCE_TYPES, LOCAL_NVME_MOUNT, instance_for
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = yaml.safe_load((ROOT / "cluster.yaml").read_text())
@@ -123,6 +128,115 @@ def test_every_gpu_preset_fits_the_node_type_it_names(path):
     workers_per_node = min(scaling.num_workers, int(gpus_per_node // scaling.gpus_per_worker))
     assert math.ceil(scaling.num_workers / workers_per_node) <= node["max_workers"]
     assert workers_per_node * scaling.cpus_per_worker <= node["resources"]["CPU"]
+
+
+@pytest.mark.parametrize("path", GPU_PRESETS, ids=[path.name for path in GPU_PRESETS])
+def test_every_gpu_preset_pins_its_nodes_gpu_and_states_its_memory(path):
+    """Without scaling.accelerator_type the autoscaler may pick any node with enough GPUs (the 8x A100 40GB
+    node for 8 bundles of {8 CPU, 1 GPU} meant for the H100s); the memory is what nvidia-smi reports there."""
+    node = GPU_TYPES[HARDWARE_LINE.search(path.read_text())["node_type"]]
+    facts = INSTANCE_TYPES[node["node_config"]["InstanceType"]]
+    scaling = load_config(path).scaling
+    assert scaling.accelerator_type == facts.gpu.ray_type, f"{path.name}: set scaling.accelerator_type"
+    assert f"accelerator_type:{scaling.accelerator_type}" in node["resources"]
+    assert facts.gpu.memory_gib - 0.1 <= scaling.accelerator_memory_gb <= facts.gpu.memory_gib, (
+        f"{path.name}: scaling.accelerator_memory_gb should be the {facts.gpu.memory_gib:.2f} GiB of one "
+        f"{facts.gpu.nvidia_smi_name} ({facts.gpu.memory_mib} MiB)")
+    assert instance_for(scaling.accelerator_type, scaling.num_workers, scaling.gpus_per_worker) == facts, (
+        "the checkpoint planner times the preset on another node type than its header names")
+
+
+@pytest.mark.parametrize("path", GPU_PRESETS, ids=[path.name for path in GPU_PRESETS])
+def test_every_gpu_preset_stages_checkpoints_on_the_disk_gpu_nodes_mount(path):
+    staging = load_config(path).run.staging_dir
+    assert staging is not None and (staging == LOCAL_NVME_MOUNT or staging.startswith(LOCAL_NVME_MOUNT + "/")), (
+        f"{path.name}: set run.staging_dir to {LOCAL_NVME_MOUNT} (the instance NVMe cluster.yaml mounts)")
+
+
+def test_the_instance_facts_are_those_of_cluster_yamls_node_types():
+    used = {spec["node_config"]["InstanceType"] for spec in NODE_TYPES.values()}
+    assert used == set(INSTANCE_TYPES), "app/hardware.py records exactly the instance types cluster.yaml uses"
+    for name, spec in NODE_TYPES.items():
+        facts, resources = INSTANCE_TYPES[spec["node_config"]["InstanceType"]], spec["resources"]
+        assert resources.get("GPU", 0) == facts.gpus, name
+        if facts.gpu is None:
+            continue
+        assert resources["CPU"] == facts.vcpus, name
+        assert [key for key in resources if key.startswith("accelerator_type:")] == [
+            f"accelerator_type:{facts.gpu.ray_type}"], name
+
+
+def test_the_gpu_types_are_rays_accelerator_types():
+    known = {value for key, value in vars(ray_accelerators).items() if key.startswith("NVIDIA_")}
+    assert {facts.gpu.ray_type for facts in INSTANCE_TYPES.values() if facts.gpu} <= known
+
+
+def test_gpu_nodes_mount_their_instance_nvme_into_the_container():
+    bind = f"-v {LOCAL_NVME_MOUNT}:{LOCAL_NVME_MOUNT}"
+    assert bind in CLUSTER["docker"]["worker_run_options"], "GPU workers' containers must see the staging disk"
+    for name, spec in GPU_TYPES.items():
+        assert INSTANCE_TYPES[spec["node_config"]["InstanceType"]].nvme_devices > 0, name
+        commands = "\n".join(spec.get("initialization_commands", []))
+        assert f"MOUNT={LOCAL_NVME_MOUNT};" in commands, f"{name}: initialization_commands must mount the NVMe"
+    assert "initialization_commands" not in HEAD and "initialization_commands" not in CLUSTER
+
+
+EBS = "/dev/nvme0n1 Amazon Elastic Block Store\n"
+NVME = [f"/dev/nvme{index}n1" for index in range(1, 9)]
+
+
+def _mount_command(tmp_path, disks: str, mounts: str = "", types: str = "", mounted: bool = False) -> list[str]:
+    """Run a GPU node's initialization command with stand-ins for the commands that touch the host: `sudo` logs
+    its command (and says no filesystem exists yet), lsblk and mountpoint answer as the host would."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    log = tmp_path / "sudo.log"
+    scripts = {
+        "sudo": f'echo "$*" >> {log}; [ "$1" != blkid ]',
+        "mountpoint": f"exit {0 if mounted else 1}",
+        "lsblk": 'case "$1" in -dpno) printf "%b" "$DISKS";; -rno) printf "%b" "$MOUNTS";; '
+                 '-rpno) printf "%b" "$TYPES";; esac',
+        "mdadm": "exit 0",
+    }
+    for name, body in scripts.items():
+        (stubs / name).write_text(f"#!/bin/bash\n{body}\n")
+        (stubs / name).chmod(0o755)
+    command = GPU_TYPES["gpu-8x-h100"]["initialization_commands"][0]
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "DISKS": disks, "MOUNTS": mounts, "TYPES": types}
+    subprocess.run(["bash", "-c", command], env=env, check=True, timeout=30)
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def test_the_mount_raids_several_nvme_devices(tmp_path):
+    disks = EBS + "".join(f"{device} Amazon EC2 NVMe Instance Storage\n" for device in NVME)
+    calls = _mount_command(tmp_path, disks, types="".join(f"{device} disk\n" for device in NVME))
+    assert f"mdadm --create /dev/md0 --run --level=0 --raid-devices=8 {' '.join(NVME)}" in calls
+    assert any(call.startswith("mkfs.ext4") and call.endswith("/dev/md0") for call in calls)
+    assert calls[-2:] == [f"mount -o noatime /dev/md0 {LOCAL_NVME_MOUNT}", f"chmod 1777 {LOCAL_NVME_MOUNT}"]
+
+
+def test_the_mount_formats_a_single_device_without_raid(tmp_path):
+    calls = _mount_command(tmp_path, EBS + "/dev/nvme1n1 Amazon EC2 NVMe Instance Storage\n",
+                           types="/dev/nvme1n1 disk\n")
+    assert not any("mdadm" in call for call in calls)
+    assert f"mount -o noatime /dev/nvme1n1 {LOCAL_NVME_MOUNT}" in calls
+
+
+def test_the_mount_reuses_a_disk_the_ami_mounted(tmp_path):
+    calls = _mount_command(tmp_path, EBS + "/dev/nvme1n1 Amazon EC2 NVMe Instance Storage\n",
+                           mounts="/opt/dlami/nvme\n", types="/dev/nvme1n1 disk\n/dev/md127 raid0\n")
+    assert f"mount --bind /opt/dlami/nvme {LOCAL_NVME_MOUNT}" in calls
+    assert not any(call.startswith(("mkfs", "mdadm")) for call in calls)
+
+
+def test_a_node_without_instance_nvme_gets_a_plain_folder(tmp_path):
+    calls = _mount_command(tmp_path, EBS)
+    assert calls == [f"mkdir -p {LOCAL_NVME_MOUNT}", f"chmod 1777 {LOCAL_NVME_MOUNT}"]
+
+
+def test_the_mount_is_idempotent(tmp_path):
+    disks = EBS + "/dev/nvme1n1 Amazon EC2 NVMe Instance Storage\n"
+    assert _mount_command(tmp_path, disks, mounted=True) == []
 
 
 def test_there_are_gpu_presets_to_check():

@@ -103,8 +103,9 @@ def test_a_gpu_preset_names_its_hardware_and_asks_for_it(path):
     assert hardware, f"{path.name} needs a '# Hardware: <n>x NVIDIA <gpu> <memory>GB, ... node type <type>)' line"
     assert config.scaling.use_gpu, f"{path.name} names {hardware['gpu']} GPUs but leaves scaling.use_gpu false"
     assert config.scaling.num_workers * config.scaling.gpus_per_worker <= int(hardware["count"])
-    assert config.scaling.accelerator_memory_gb == float(hardware["memory_gb"]), (
-        f"{path.name}: scaling.accelerator_memory_gb should be the {hardware['memory_gb']} GB of one {hardware['gpu']}")
+    marketed = float(hardware["memory_gb"])  # nvidia-smi reports less; tests/test_cluster_yaml.py checks it exactly
+    assert 0.9 * marketed <= config.scaling.accelerator_memory_gb <= marketed, (
+        f"{path.name}: scaling.accelerator_memory_gb should be what nvidia-smi reports for one {hardware['gpu']}")
     assert config.train.precision in ("bf16", "fp16"), f"{path.name}: name the GPU's mixed precision"
 
 

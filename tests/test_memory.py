@@ -129,9 +129,33 @@ def test_bf16_deepspeed_is_16_bytes_per_parameter_before_partitioning(tiny_llama
     assert components["weights"] + components["gradients"] + components["optimizer"] == 16 * params
 
 
-def test_torch_adamw_keeps_two_moments_in_the_parameter_dtype(tiny_llama, llama_architecture):
-    components = plan(tiny_llama, llama_architecture, world_size=1).components  # CPU: fp32
-    assert components["optimizer"] == 2 * components["weights"] == 2 * 4 * llama_architecture.total_params
+def test_without_deepspeed_every_trained_parameter_has_fp32_master_and_moments(tiny_llama, llama_architecture):
+    """On a bf16 GPU a full finetune holds fp32 weights (the masters) and computes under bf16 autocast; LoRA trains
+    fp32 adapter matrices and an fp32 head copy on the frozen bf16 base. torch AdamW's two moments follow each
+    trained parameter: fp32 for all of them."""
+    arch, bf16_gpu = llama_architecture, {"scaling.use_gpu": True, "train.precision": "bf16"}
+    full = plan(tiny_llama, arch, world_size=1, **bf16_gpu).components
+    assert full["weights"] == full["gradients"] == 4 * arch.total_params
+    assert full["optimizer"] == 2 * 4 * arch.total_params
+    assert full["buffers"] == 2 * sum(layer.weight_params for layer in arch.linears)  # autocast's bf16 copies
+    lora = plan(tiny_llama, arch, world_size=1, **bf16_gpu, **{"adapter.method": "lora"})
+    assert lora.components["weights"] == 2 * arch.total_params  # the frozen base stays in model.dtype
+    assert lora.components["adapter"] == 4 * lora.trainable_params
+    assert lora.components["optimizer"] == 2 * 4 * lora.trainable_params
+    head = sum(layer.weight_params for layer in arch.linears if arch.in_head(layer.name))
+    assert lora.components["buffers"] == 2 * head  # the fp32 head copy is cast too; the bf16 base is not
+    cpu = plan(tiny_llama, arch, world_size=1).components  # fp32 everywhere
+    assert cpu["optimizer"] == 2 * cpu["weights"] == 2 * 4 * arch.total_params
+
+
+def test_a_model_without_a_network_needs_no_accelerator_memory():
+    from pathlib import Path
+
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "tfidf-xgb.yaml")
+    result = plan_memory(config)
+    assert not result.needs_accelerator and result.peak_bytes == 0
+    assert "no accelerator memory needed" in result.render()
+    assert result.describe_fit(24) == (True, "fits: nothing to fit (no accelerator memory needed)")
 
 
 def test_qlora_stores_linear_weights_in_about_a_quarter_of_fp16(tiny_llama, llama_architecture):
