@@ -7,9 +7,14 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_TRAIN_V2_ENABLED := 1
 export RAY_USAGE_STATS_ENABLED := 0
-# The demo's own Ray head, on ports of its own so it never meets another cluster on this machine.
+# The demo's own Ray head, on ports of its own so it never meets another cluster on this machine, with a token
+# of its own in its temporary folder: nothing is read from or written to ~/.ray.
 DEMO_RAY_PORT ?= 6390
 DEMO_DASHBOARD_PORT ?= 8275
+# More `ray start` flags for the demo's head, and more `section.key=value` for its jobs.train (the tests run a
+# tiny demo with every port of its own).
+DEMO_RAY_FLAGS ?=
+DEMO_OVERRIDES ?=
 DEMO_RUNS := $(CURDIR)/runs
 DEMO_DATA := $(DEMO_RUNS)/demo/builtin_data
 
@@ -27,20 +32,33 @@ $(STAMP): pyproject.toml
 test: setup
 	RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.2 $(PY) -m pytest -q --durations=15
 
-# A real `ray job submit` round trip: start a local head, train, predict, stop that head only
-# (`ray stop` would also stop every other Ray on the machine). Each demo is a fresh run: the previous demo's
-# folder is removed first, since a run name that exists is resumed.
+# A Ray token of the recipe's own, in the folder $(1) (what `ray get-auth-token --generate` writes to ~/.ray), for
+# `ray start` and every client after it. RAY_AUTH_TOKEN, which would win over the file, is unset.
+own_auth_token = (umask 077; $(PY) -c "import secrets; print(secrets.token_hex(32), end='')" >$(1)/auth_token); \
+	export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$(1)/auth_token; unset RAY_AUTH_TOKEN
+
+# Stops the demo's head only (`ray stop` would also stop every other Ray on the machine) and removes its temporary
+# folder. `ray start` runs in a session of its own (setsid), which every process of the head keeps, renamed workers
+# and agents and the Ray client server too; the session id is the pid of `ray start`.
+stop_demo_head = if [ -n "$${head:-}" ]; then \
+	    pkill -TERM -s $$head || true; sleep 3; pkill -KILL -s $$head || true; fi; \
+	rm -rf "$$temp"
+
+# A real `ray job submit` round trip: start a local head, train, predict, stop that head only. Each demo is a
+# fresh run: the previous demo's folder is removed first, since a run name that exists is resumed.
 demo: setup
-	@set -euo pipefail; export PATH="$(CURDIR)/$(VENV)/bin:$$PATH" RAY_AUTH_MODE=token; \
+	@set -euo pipefail; export PATH="$(CURDIR)/$(VENV)/bin:$$PATH"; \
 	temp=$$(mktemp -d /tmp/arena-demo.XXXXXX); \
-	ray start --head --port=$(DEMO_RAY_PORT) --num-cpus=4 --dashboard-host=127.0.0.1 --temp-dir=$$temp \
-	    --dashboard-port=$(DEMO_DASHBOARD_PORT) --disable-usage-stats >/dev/null; \
-	trap 'pkill -TERM -f -- "$$temp" || true; sleep 3; pkill -KILL -f -- "$$temp" || true; rm -rf "$$temp"' EXIT; \
+	trap '$(stop_demo_head)' EXIT; \
+	$(call own_auth_token,$$temp); \
+	setsid ray start --head --port=$(DEMO_RAY_PORT) --num-cpus=4 --dashboard-host=127.0.0.1 --temp-dir=$$temp \
+	    --dashboard-port=$(DEMO_DASHBOARD_PORT) --disable-usage-stats $(DEMO_RAY_FLAGS) >/dev/null & head=$$!; \
+	wait $$head; \
 	export RAY_ADDRESS=http://127.0.0.1:$(DEMO_DASHBOARD_PORT); \
 	for i in $$(seq 60); do ray job submit --no-wait -- true >/dev/null 2>&1 && break; sleep 2; done; \
 	rm -rf $(DEMO_RUNS)/demo; \
 	ray job submit --working-dir . -- python -m jobs.train --config configs/demo.yaml \
-	    run.storage_path=$(DEMO_RUNS); \
+	    run.storage_path=$(DEMO_RUNS) $(DEMO_OVERRIDES); \
 	checkpoint=$$($(PY) -c "import json; print(json.load(open('$(DEMO_RUNS)/demo/summary.json'))['best_checkpoint'])"); \
 	ray job submit --working-dir . -- python -m jobs.predict --checkpoint $$checkpoint \
 	    --input $(DEMO_DATA)/test.csv --output $(DEMO_RUNS)/demo/submission.csv; \
@@ -49,11 +67,13 @@ demo: setup
 	print('checkpoint: ' + s['best_checkpoint']); print('submission: $(DEMO_RUNS)/demo/submission.csv')"
 
 # The Ray Serve app (serve/config.yaml) on the demo's best checkpoint, on 127.0.0.1:$(SERVE_PORT), in a local
-# Ray of its own; Ctrl-C stops it. Needs a finished `make demo`.
+# Ray of its own with a token of its own (removed on exit); Ctrl-C stops it. Needs a finished `make demo`.
 SERVE_PORT ?= 8000
 serve: setup
 	@set -euo pipefail; export PATH="$(CURDIR)/$(VENV)/bin:$$PATH"; \
 	test -f $(DEMO_RUNS)/demo/summary.json || { echo "no $(DEMO_RUNS)/demo/summary.json: run 'make demo' first" >&2; exit 1; }; \
+	temp=$$(mktemp -d /tmp/arena-serve.XXXXXX); trap 'rm -rf "$$temp"' EXIT; \
+	$(call own_auth_token,$$temp); \
 	$(PY) -c "import json, yaml; best = json.load(open('$(DEMO_RUNS)/demo/summary.json'))['best_checkpoint']; \
 	config = yaml.safe_load(open('serve/config.yaml')); config['http_options']['port'] = $(SERVE_PORT); \
 	config['applications'][0]['args']['model'] = best; print('serving ' + best); \
