@@ -1,6 +1,5 @@
 """The DeepSpeed JSON built from the typed config, and one real single-rank DeepSpeed run on the CPU."""
 
-import socket
 
 import pytest
 import torch
@@ -123,28 +122,6 @@ def test_zero3_loading_registers_only_for_stage3():
     with zero3_loading(ds_config({"deepspeed.stage": 3})):
         assert is_deepspeed_zero3_enabled()
     assert not is_deepspeed_zero3_enabled()  # unregistered on exit
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.fixture
-def single_rank_group(monkeypatch):
-    """A world of one on gloo, as Ray Train sets it up on a CPU worker."""
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-                       "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
-        monkeypatch.setenv(key, value)
-
-    def start():
-        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
-
-    yield start
-    if torch.distributed.is_initialized():  # a failed test must not leave a group to the next one
-        torch.distributed.destroy_process_group()
 
 
 @pytest.mark.parametrize("overrides", [

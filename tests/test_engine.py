@@ -6,8 +6,6 @@ GPU does (that is what makes `model.dtype=auto` choose bf16), and the compute st
 autocast."""
 
 import json
-import socket
-from pathlib import Path
 
 import pytest
 import torch
@@ -82,25 +80,6 @@ def test_trained_weights_and_adamw_state_are_fp32_under_a_bf16_gpu_dtype_choice(
         assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.fixture
-def single_rank_group(monkeypatch):
-    """A world of one on gloo, as Ray Train sets it up on a CPU worker."""
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-                       "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
-        monkeypatch.setenv(key, value)
-    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
 def groups_by_name(model, optimizer) -> dict[str, tuple[float, float]]:
     """Parameter name -> (lr, weight decay) of the optimizer group that holds it."""
     names = {id(param): name for name, param in model.named_parameters()}
@@ -118,6 +97,7 @@ def tiny_zero_config(stage: int):
 def test_zero3_optimizer_groups_match_stage_zero(single_rank_group):
     """ZeRO-3 leaves each rank an empty 1-D placeholder per parameter: decay decided by `ndim` put every
     weight in the no-decay group. The groups must be those of the same model unpartitioned."""
+    single_rank_group()
     unpartitioned = build_model(tiny_zero_config(0))
     expected = groups_by_name(unpartitioned, build_optimizer(unpartitioned, tiny_zero_config(0)))
     config = tiny_zero_config(3)
@@ -134,6 +114,7 @@ def test_only_the_saving_rank_keeps_a_host_copy_of_the_zero3_export(single_rank_
 
     from app.engine import DeepSpeedStepper
 
+    single_rank_group()
     config = tiny_zero_config(3)
     ds_config = build_deepspeed_config(config, world_size=1, device=CPU)
     with zero3_loading(ds_config):
