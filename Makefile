@@ -7,6 +7,9 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_TRAIN_V2_ENABLED := 1
 export RAY_USAGE_STATS_ENABLED := 0
+# pip's wheel cache (DeepSpeed builds from source) stays with the project, not in ~/.cache: set-up writes nothing
+# into the user's home. pip still reads the user's pip.conf (an index mirror, say).
+export PIP_CACHE_DIR ?= $(CURDIR)/$(VENV)/pip-cache
 # The demo's own Ray head, on ports of its own so it never meets another cluster on this machine, with a token
 # of its own in its temporary folder: nothing is read from or written to ~/.ray.
 DEMO_RAY_PORT ?= 6390
