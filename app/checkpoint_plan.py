@@ -58,7 +58,7 @@ from app.hardware import (
     InstanceType,
     instance_for,
 )
-from app.memory import DTYPE_BYTES, T5_LABEL_TOKENS, resolve_model_dtype
+from app.memory import DTYPE_BYTES, T5_LABEL_TOKENS, resolve_model_dtype, resolve_train_precision
 
 MFU = 0.40  # model FLOPs utilisation assumed for every GPU (see the module docstring)
 KAGGLE_TRAIN_ROWS = 57_477  # rows of the competition's train.csv
@@ -66,11 +66,8 @@ OVERHEAD_TARGET = 0.05  # share of training time the presets allow checkpoints t
 LABELS = 3
 
 
-def deepspeed_precision(config: Config) -> str:
-    """The precision a DeepSpeed engine trains in: train.precision; 'auto' = bf16 on GPUs, fp32 on the CPU."""
-    if config.train.precision != "auto":
-        return config.train.precision
-    return "bf16" if config.scaling.use_gpu else "fp32"
+def planned_device(config: Config) -> torch.device:
+    return torch.device("cuda" if config.scaling.use_gpu else "cpu")
 
 
 def resume_bytes_per_rank(config: Config, total_params: int, trainable_params: int, world: int) -> list[float]:
@@ -78,7 +75,7 @@ def resume_bytes_per_rank(config: Config, total_params: int, trainable_params: i
     speed = config.deepspeed
     if not speed.enabled:
         return [12.0 * trainable_params] + [0.0] * (world - 1)
-    precision = deepspeed_precision(config)
+    precision = resolve_train_precision(config, planned_device(config))
     module_params = trainable_params if config.adapter.method != "full" else total_params
     module = module_params * DTYPE_BYTES[precision]
     if speed.stage == 0:  # torch AdamW (fp32) or DeepSpeed's 16-bit wrapper, whole, in rank 0's module file
@@ -89,10 +86,10 @@ def resume_bytes_per_rank(config: Config, total_params: int, trainable_params: i
 
 def export_bytes(config: Config, arch: Architecture) -> float:
     """Bytes of rank 0's inference export (tokenizer and arena.json not counted)."""
+    device = planned_device(config)
     if config.adapter.method == "full":
-        device = torch.device("cuda" if config.scaling.use_gpu else "cpu")
         return float(arch.total_params * DTYPE_BYTES[resolve_model_dtype(config, device)])
-    deepspeed_16bit = config.deepspeed.enabled and deepspeed_precision(config) != "fp32"
+    deepspeed_16bit = config.deepspeed.enabled and resolve_train_precision(config, device) != "fp32"
     return float(count_trainable_parameters(arch, config.adapter) * (2 if deepspeed_16bit else 4))
 
 

@@ -33,5 +33,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> str:
     runtime_env = {"env_vars": {key: os.environ[key] for key in _LOCAL_ENV}}
     cpus = num_cpus or max(4, os.cpu_count() or 1)
     # Ray binds its node to this machine's own address; the dashboard (which Train's state queries need) to 127.0.0.1.
-    ray.init(num_cpus=cpus, runtime_env=runtime_env)
+    # address="local": a new Ray of its own. Without it ray.init joins any `ray start` head on this machine (or the
+    # one a stale /tmp/ray/ray_current_cluster names) and then refuses num_cpus.
+    ray.init(address="local", num_cpus=cpus, runtime_env=runtime_env)
     return f"embedded local Ray ({cpus} logical CPUs)"

@@ -122,9 +122,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, float]]
         seed_rank(config.seed, rank)  # a resume restores the rank's own stream from its checkpoint instead
         try:
             checkpoint = ray.train.get_checkpoint()
+            staging = check_staging(config)
             if rank == 0:
-                print(f"checkpoints: staged in {config.run.staging_dir or tempfile.gettempdir()}, "
-                      f"{upload_mode(config).value.lower()} upload to {config.run.storage_path}", flush=True)
+                print(f"checkpoints: staged in {staging}, {upload_mode(config).value.lower()} upload to "
+                      f"{config.run.storage_path}", flush=True)
             if checkpoint is not None:
                 progress = restore(checkpoint, stepper, rank, world)
                 if rank == 0:
@@ -317,10 +318,26 @@ def upload_mode(config: Config) -> ray.train.CheckpointUploadMode:
 def staging_directory(config: Config, name: str, rank: int) -> str:
     """A new folder for one rank's part of checkpoint `name`, under `run.staging_dir` (the node's fast disk; None
     = the system temp folder): everything a checkpoint holds is written here before Ray Train uploads it."""
-    root = config.run.staging_dir
-    if root is not None:
+    return tempfile.mkdtemp(prefix=f"{name}-rank{rank}-", dir=config.run.staging_dir)
+
+
+def check_staging(config: Config) -> str:
+    """Make sure this node can stage checkpoints in `run.staging_dir` (created if missing), at the start of the run
+    rather than at its first checkpoint; returns the folder.
+
+    Raises:
+        RuntimeError: the folder cannot be created or written, naming it and this node.
+    """
+    root = config.run.staging_dir or tempfile.gettempdir()
+    try:
         os.makedirs(root, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f"{name}-rank{rank}-", dir=root)
+        tempfile.TemporaryFile(dir=root).close()
+    except OSError as error:
+        raise RuntimeError(f"run.staging_dir={root} cannot hold checkpoints on node {ray.util.get_node_ip_address()} "
+                           f"({error}): mount the node's fast disk there (cluster.yaml mounts instance NVMe at "
+                           "/mnt/local_nvme on its GPU nodes), or set run.staging_dir to a writable local folder "
+                           "(null = the system temp folder)") from error
+    return root
 
 
 def restore(checkpoint: ray.train.Checkpoint, stepper: Stepper, rank: int, world: int) -> Progress:

@@ -102,6 +102,19 @@ def resolve_model_dtype(config: Config, device: torch.device) -> str:
     return "bf16" if not torch.cuda.is_available() or torch.cuda.is_bf16_supported() else "fp32"
 
 
+def resolve_train_precision(config: Config, device: torch.device, notes: list[str] | None = None) -> str:
+    """`train.precision` on `device` as the planner sees it: for a GPU planned from a machine without one, 'auto'
+    is assumed bf16 (said in `notes`); elsewhere the rule training uses (app.deepspeed)."""
+    from app.deepspeed import resolve_training_precision
+
+    if device.type == "cuda" and not torch.cuda.is_available():
+        if notes is not None:
+            notes.append("planned for a GPU from a machine without one: 'auto' dtypes assume bf16 (Ampere or newer)")
+        return "bf16" if config.train.precision == "auto" else config.train.precision
+    return resolve_training_precision(config.train.precision, device,
+                                      bf16_on_cpu=config.train.cpu_bf16 and not config.deepspeed.enabled)
+
+
 def resolve_precision(config: Config, device: torch.device, notes: list[str]) -> Precision:
     """Weight, trainable and activation dtypes.
 
@@ -110,14 +123,7 @@ def resolve_precision(config: Config, device: torch.device, notes: list[str]) ->
     weights in fp32 (the master copy), lora / qlora keep the frozen base in model.dtype with peft's fp32 LoRA
     weights and the trained head copy upcast to fp32.
     """
-    from app.deepspeed import resolve_training_precision
-
-    if device.type == "cuda" and not torch.cuda.is_available():
-        notes.append("planned for a GPU from a machine without one: 'auto' dtypes assume bf16 (Ampere or newer)")
-        train = "bf16" if config.train.precision == "auto" else config.train.precision
-    else:
-        train = resolve_training_precision(config.train.precision, device,
-                                           bf16_on_cpu=config.train.cpu_bf16 and not config.deepspeed.enabled)
+    train = resolve_train_precision(config, device, notes)
     weight = resolve_model_dtype(config, device)
     deepspeed_16bit = config.deepspeed.enabled and train != "fp32"
     if deepspeed_16bit:

@@ -129,11 +129,6 @@ def keeps_fp32_masters(config: Config) -> bool:
     return resolve_training_precision(config.train.precision, default_device(config)) == "fp32"
 
 
-def export_dtype(config: Config) -> torch.dtype:
-    """The dtype full weights are exported in for inference: `model.dtype` (bf16 on GPUs that have it)."""
-    return model_dtype(config.model.dtype)
-
-
 def uses_segments(model: torch.nn.Module) -> bool:
     """Whether the model has segment (token type) embeddings to mark response B with (BERT does)."""
     inner = getattr(model, "module", model)  # under DistributedDataParallel
@@ -223,7 +218,7 @@ def save_checkpoint(
         state_dict = _network_state_dict(getattr(model, "module", model), network, state_dict)
     if config.adapter.method == "full":
         weights = state_dict if state_dict is not None else network.state_dict()
-        dtype = export_dtype(config)
+        dtype = model_dtype(config.model.dtype)  # the export's: bf16 on GPUs that have it
         network.save_pretrained(directory, state_dict=in_dtype(weights, dtype))
         record_weights_dtype(directory, dtype)
     else:
@@ -235,14 +230,14 @@ def save_checkpoint(
 def in_dtype(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The floating-point tensors as host copies in `dtype` (training's fp32 masters -> a bf16 export; no copy
     where nothing changes), other tensors unchanged. Tied weights stay one tensor."""
-    cast: dict[int, torch.Tensor] = {}  # storage pointer -> its cast copy
+    cast: dict[tuple, torch.Tensor] = {}  # (address, shape, strides) of a tensor -> its cast copy
     result = {}
     for name, tensor in state_dict.items():
         if tensor.is_floating_point():
-            pointer = tensor.untyped_storage().data_ptr()
-            if pointer not in cast:
-                cast[pointer] = tensor.detach().to("cpu", dtype)
-            tensor = cast[pointer]
+            key = (tensor.device, tensor.data_ptr(), tuple(tensor.shape), tensor.stride())
+            if key not in cast:
+                cast[key] = tensor.detach().to("cpu", dtype)
+            tensor = cast[key]
         result[name] = tensor
     return result
 

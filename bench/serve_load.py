@@ -156,7 +156,7 @@ def run_all(args: argparse.Namespace, payloads: list[dict],
 
     # A local Ray as app.cluster.connect starts it, but with the replicas' logs kept out of this process: it
     # also runs the clients, and printing every replica's request log would slow them down.
-    ray.init(num_cpus=4, log_to_driver=False, runtime_env={"env_vars": {
+    ray.init(address="local", num_cpus=4, log_to_driver=False, runtime_env={"env_vars": {
         "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_V2_ENABLED": "1"}})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

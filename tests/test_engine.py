@@ -130,3 +130,14 @@ def test_only_the_saving_rank_keeps_a_host_copy_of_the_zero3_export(single_rank_
         assert state[name].device == CPU and state[name].shape == params[name].ds_shape
     finally:
         shutdown_engine(stepper.engine)
+
+
+def test_the_export_cast_keeps_tied_weights_tied_and_views_apart():
+    """Tied parameters stay one tensor in the bf16 export; two views into one storage (e.g. a fused projection's
+    slices) keep their own values."""
+    from app.modeling import in_dtype
+
+    fused, tied = torch.arange(8.0), torch.nn.Parameter(torch.ones(4))
+    exported = in_dtype({"first": fused[:4], "second": fused[4:], "embed": tied, "lm_head": tied}, torch.bfloat16)
+    assert exported["first"].tolist() == [0, 1, 2, 3] and exported["second"].tolist() == [4, 5, 6, 7]
+    assert exported["embed"] is exported["lm_head"] and exported["embed"].dtype == torch.bfloat16

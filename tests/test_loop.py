@@ -28,3 +28,20 @@ def test_the_model_is_built_from_the_shared_seed_before_ranks_diverge():
         weights.append(torch.nn.Linear(16, 16).weight.detach().clone())
         seed_rank(42, rank)
     torch.testing.assert_close(weights[0], weights[1])
+
+
+def test_a_staging_folder_that_cannot_be_written_fails_at_start_naming_it(tmp_path):
+    """A GPU node without its NVMe mounted, where the container's user may not create /mnt/local_nvme, must fail
+    before training, not at the first checkpoint hundreds of steps later."""
+    import pytest
+
+    from app.config import load_config
+    from app.loop import check_staging
+
+    staging = tmp_path / "nvme" / "staging"
+    assert check_staging(load_config(None, {"run.staging_dir": str(staging)})) == str(staging)
+    assert staging.is_dir()  # created where it can be
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    with pytest.raises(RuntimeError, match=r"run.staging_dir=.*not-a-folder/staging cannot hold checkpoints"):
+        check_staging(load_config(None, {"run.staging_dir": str(blocker / "staging")}))
