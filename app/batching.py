@@ -69,6 +69,7 @@ class MicroBatch:
     segments: np.ndarray  # (B,) object: 1-D segment ids of each row
     labels: np.ndarray  # (B,) int64 classes, A/B-swapped where the row is
     soft_labels: np.ndarray | None  # (B, 3) teacher probabilities in the same order, or None without a teacher
+    row_ids: np.ndarray | None = None  # ids of the pairs trained (each once, also in a symmetric batch), when known
 
 
 def pairs_per_micro_batch(batch_size: int, swap_mode: Literal["random", "symmetric"]) -> int:
@@ -108,6 +109,7 @@ def micro_batches(
     """
     n_rows = len(window["label"])
     teacher = window.get("teacher_probs")
+    ids = window.get("row_id")
     if swap_mode == "random":
         swap = rng.random(n_rows) < swap_prob
         sequences = choose_rows(swap, window["input_ids"], window["input_ids_swapped"])
@@ -115,7 +117,8 @@ def micro_batches(
         labels = np.where(swap, np.take(SWAPPED_LABEL, window["label"]), window["label"]).astype(np.int64)
         soft = None if teacher is None else np.where(swap[:, None], swap_soft_labels(teacher), teacher)
         lengths = [len(sequence) for sequence in sequences]
-        return [MicroBatch(sequences[rows], segments[rows], labels[rows], None if soft is None else soft[rows])
+        return [MicroBatch(sequences[rows], segments[rows], labels[rows], None if soft is None else soft[rows],
+                           None if ids is None else ids[rows])
                 for rows in length_grouped_batches(lengths, batch_size, group_batches, rng)]
     no_swap, all_swap = np.zeros(n_rows, dtype=bool), np.ones(n_rows, dtype=bool)
     plain_ids = choose_rows(no_swap, window["input_ids"], window["input_ids_swapped"])
@@ -129,5 +132,6 @@ def micro_batches(
         soft = None if teacher is None else np.concatenate([teacher[rows], swap_soft_labels(teacher[rows])])
         batches.append(MicroBatch(np.concatenate([plain_ids[rows], swapped_ids[rows]]),
                                   np.concatenate([plain_segments[rows], swapped_segments[rows]]),
-                                  np.concatenate([labels[rows], np.take(SWAPPED_LABEL, labels[rows])]), soft))
+                                  np.concatenate([labels[rows], np.take(SWAPPED_LABEL, labels[rows])]), soft,
+                                  None if ids is None else ids[rows]))
     return batches

@@ -1,8 +1,9 @@
 """The training loop that every Ray Train worker runs, top to bottom.
 
 Workers receive the config as a plain dict and rebuild everything they need. Rows arrive already
-tokenized (both A/B orders) from Ray Data, sharded across workers with equal row counts, so every
-worker takes the same number of steps. Optimizer steps go through a `Stepper` (app/engine.py): plain
+tokenized (both A/B orders) from Ray Data; each epoch deals them out to the ranks in equal shares
+(`EpochShares`: one permutation per epoch, as DistributedSampler does), so every worker takes the same
+number of steps, and each rank logs the rows it trained on (app/rowlog.py). Optimizer steps go through a `Stepper` (app/engine.py): plain
 DDP, or a DeepSpeed ZeRO engine. `app.batching.micro_batches` cuts each window into micro-batches of
 `train.batch_size` sequences: rows in a random A/B order (`train.swap_mode=random`) or each pair in both
 orders (`symmetric`). With `distill.teacher` the rows carry the teacher's probabilities, swapped with them,
@@ -34,7 +35,7 @@ import ray.train
 import ray.train.torch
 import torch
 
-from app import collectives
+from app import collectives, rowlog
 from app.batching import MicroBatch, micro_batches, pairs_per_micro_batch, token_budget_batches
 from app.config import Config, validate_config
 from app.engine import Stepper, build_stepper
@@ -44,6 +45,7 @@ from app.metrics import score, softmax
 from app.modeling import autocast, build_model, build_tokenizer, forward_batch, save_checkpoint
 
 VALID_WINDOW_ROWS = 1024  # validation rows per window; windows are dealt round-robin to workers
+READ_ROWS = 1024  # training rows per read while a worker collects its share of an epoch
 PROGRESS_FILE = "progress_rank{rank}.pt"
 # valid_log_loss reported with a mid-epoch checkpoint (not evaluated): never the best, kept while it is the
 # latest. Finite, because Ray Train's saved checkpoint records turn inf into null.
@@ -83,6 +85,7 @@ class Progress:
     padded_tokens: int = 0
     rows_seen: int = 0
     seconds: float = 0.0  # training time in this epoch before the checkpoint
+    row_ids: list[str] = field(default_factory=list)  # rows trained in `epoch` so far (app/rowlog.py)
     history: list[dict[str, float]] = field(default_factory=list)
     resumed_from_step: int | None = None
 
@@ -90,12 +93,15 @@ class Progress:
         self.epoch, self.micro, self.loss_sum, self.loss_count = epoch, 0, 0.0, 0
         self.real_tokens = self.padded_tokens = self.rows_seen = 0
         self.seconds = 0.0
+        self.row_ids = []
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, float]]:
     """Train (or resume), evaluating and reporting every epoch; returns rank 0's per-epoch metrics."""
     config = validate_config(loop_config["config"], "worker config")
     rows_per_worker: int = loop_config["rows_per_worker"]
+    train_rows: int = loop_config["train_rows"]  # rows of the training set, all ranks together
+    run_dir: str | None = loop_config.get("run_dir")  # where the row logs go (app/rowlog.py); None = nowhere
     checkpoint_meta: dict[str, Any] = loop_config.get("checkpoint_meta") or {}
     # files every exported checkpoint carries besides the model, e.g. the retrieval index (app/retrieval.py)
     checkpoint_files: dict[str, bytes] = loop_config.get("checkpoint_files") or {}
@@ -131,16 +137,78 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, float]]
                 if rank == 0:
                     print(f"resumed at epoch {progress.epoch} step {progress.step} "
                           f"(micro-batch {progress.micro} of the epoch)", flush=True)
+            shares = EpochShares(train_rows, rows_per_worker, world, rank, config.seed)
             run_epochs(config, stepper, tokenizer.pad_token_id, progress, micro_per_epoch, total_steps, device,
-                       rank, world, tokenizer, checkpoint_meta, checkpoint_files)
+                       rank, world, tokenizer, checkpoint_meta, checkpoint_files, shares, run_dir)
         finally:
             stepper.close()
     return progress.history
 
 
+@dataclass(frozen=True)
+class EpochShares:
+    """Which training rows a rank trains on in each epoch, and in what order, as DistributedSampler deals them: one
+    permutation of all rows per (seed, epoch), the same on every rank, dealt round-robin. `rows_per_worker * world`
+    rows take part; the rest of the permutation (fewer than `world` rows, different ones every epoch) sits the
+    epoch out, so that every rank takes the same number of steps.
+
+    The shares depend on nothing but these numbers: not on which node holds which block, nor on how many times the
+    worker group was restarted, so a resumed epoch replays exactly the rows the interrupted one had."""
+
+    train_rows: int
+    rows_per_worker: int
+    world: int
+    rank: int
+    seed: int
+
+    def positions(self, epoch: int) -> np.ndarray:
+        """Positions (0..train_rows-1, the `position` column) of this rank's rows in `epoch`, in training order."""
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.train_rows)
+        return order[: self.rows_per_worker * self.world][self.rank::self.world]
+
+    def rows(self, dataset: ray.data.DataIterator, epoch: int) -> dict[str, np.ndarray]:
+        """This rank's rows of `epoch` from the whole training set, in training order (columns as encoded)."""
+        positions = self.positions(epoch)
+        slot = np.full(self.train_rows, -1, dtype=np.int64)
+        slot[positions] = np.arange(len(positions))
+        parts, slots = [], []
+        for chunk in dataset.iter_batches(batch_size=READ_ROWS, batch_format="numpy"):
+            where = slot[chunk["position"]]
+            keep = where >= 0
+            if keep.any():
+                parts.append({key: value[keep] for key, value in chunk.items()})
+                slots.append(where[keep])
+        if not parts or sum(map(len, slots)) != len(positions):
+            raise RuntimeError(f"rank {self.rank} found {sum(map(len, slots))} of its {len(positions)} training rows "
+                               f"of epoch {epoch}: the training set has changed under the run")
+        order = np.argsort(np.concatenate(slots))
+        return {key: _concatenate([part[key] for part in parts])[order] for key in parts[0]}
+
+
+def _concatenate(arrays: list[np.ndarray]) -> np.ndarray:
+    """Concatenate a column's chunks; Ray Data hands a chunk of token-id rows that happen to have one length as a
+    2-D array and others as 1-D object arrays of rows, so mixed chunks become object arrays of rows."""
+    if len({array.shape[1:] for array in arrays}) > 1 or any(array.dtype == object for array in arrays):
+        rows = []
+        for array in arrays:
+            as_objects = np.empty(len(array), dtype=object)
+            as_objects[:] = list(array)
+            rows.append(as_objects)
+        arrays = rows
+    return np.concatenate(arrays)
+
+
+def windows_of(rows: dict[str, np.ndarray], size: int):
+    """Consecutive windows of `size` rows (the last may be shorter)."""
+    count = len(rows["label"])
+    for start in range(0, count, size):
+        yield {key: value[start:start + size] for key, value in rows.items()}
+
+
 def run_epochs(config: Config, stepper: Stepper, pad_id: int, progress: Progress, micro_per_epoch: int,
                total_steps: int, device: torch.device, rank: int, world: int, tokenizer,
-               checkpoint_meta: dict[str, Any], checkpoint_files: dict[str, bytes] | None = None) -> None:
+               checkpoint_meta: dict[str, Any], checkpoint_files: dict[str, bytes] | None, shares: EpochShares,
+               run_dir: str | None) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     valid_data = ray.train.get_dataset_shard("valid")
     model = stepper.model
@@ -157,11 +225,7 @@ def run_epochs(config: Config, stepper: Stepper, pad_id: int, progress: Progress
         started = time.perf_counter() - progress.seconds
         rng = np.random.default_rng([config.seed, rank, epoch])  # same draws when an epoch is replayed
         micro = 0
-        windows = train_shard.iter_batches(
-            batch_size=window_rows, batch_format="numpy",
-            local_shuffle_buffer_size=window_rows, local_shuffle_seed=config.seed + epoch * 7919 + rank,
-        )
-        for window in windows:
+        for window in windows_of(shares.rows(train_shard, epoch), window_rows):
             for batch in micro_batches(window, config.train.batch_size, config.train.length_group_batches,
                                        config.train.swap_mode, config.train.swap_prob, rng):
                 micro += 1
@@ -180,6 +244,8 @@ def run_epochs(config: Config, stepper: Stepper, pad_id: int, progress: Progress
                 progress.real_tokens += int(attention_mask.sum())
                 progress.padded_tokens += attention_mask.size
                 progress.rows_seen += len(batch.labels)  # sequences: a symmetric batch counts each pair twice
+                if batch.row_ids is not None:
+                    progress.row_ids.extend(map(str, batch.row_ids))
                 if not boundary:
                     continue
                 stepper.step()
@@ -199,6 +265,9 @@ def run_epochs(config: Config, stepper: Stepper, pad_id: int, progress: Progress
         metrics.update({f"valid_{name}": value for name, value in valid_metrics.items()})
         progress.history.append(metrics)
         progress.micro = micro_per_epoch  # the epoch is done: a resume starts the next one
+        if run_dir is not None:
+            rowlog.write(run_dir, epoch, rank, world, progress.row_ids, node=ray.get_runtime_context().get_node_id(),
+                         resumed_from_step=progress.resumed_from_step)
         report(metrics, stepper, tokenizer, config, progress, rank, export=True, meta=checkpoint_meta,
                files=checkpoint_files)
         progress.micro = 0

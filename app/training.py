@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import ray.data
 import ray.train
@@ -24,9 +25,11 @@ from app.metrics import log_loss
 from app.modeling import build_tokenizer
 from app.priors import class_frequencies
 from app.retrieval import BlockBuilder, JudgedPairs, plan_retrieval
+from app import storage
 from app.synthetic import write_builtin_dataset
 
 ENCODE_BATCH_ROWS = 256
+BLOCK_ROWS = 1024  # rows per block of the encoded datasets that training reads
 CHECKPOINT_MANAGER_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of a run's checkpoints
 
 
@@ -43,10 +46,10 @@ class FitResult:
 
 def run_directory(config: Config) -> str:
     """Absolute `storage_path/name` (Ray needs an absolute path or a URI)."""
-    storage = config.run.storage_path
-    if "://" not in storage:
-        storage = os.path.abspath(storage)
-    return f"{storage.rstrip('/')}/{config.run.name}"
+    root = config.run.storage_path
+    if not storage.is_uri(root):
+        root = os.path.abspath(root)
+    return f"{root.rstrip('/')}/{config.run.name}"
 
 
 def load_training_rows(config: Config, run_dir: str) -> tuple[pd.DataFrame, int]:
@@ -99,6 +102,8 @@ class EncodeBatch:
             "input_ids_swapped": _ragged(swapped),
             "segment_ids_swapped": _ragged(swapped_segments, np.int8),
             "label": batch["label"].astype(np.int64),
+            "row_id": batch["row_id"].astype(str),  # the input's id column: what a row log names
+            "position": batch["position"].astype(np.int64),  # 0..N-1, what the workers deal out (app/loop.py)
         }
         if TEACHER_COLUMNS[0] in batch:
             encoded_rows["teacher_probs"] = np.stack([batch[column] for column in TEACHER_COLUMNS], axis=1)  # (N, 3)
@@ -113,19 +118,30 @@ def _ragged(sequences: list[list[int]], dtype: type = np.int32) -> np.ndarray:
 
 def encode_dataset(frame: pd.DataFrame, config: Config, neighbours: np.ndarray | None = None,
                    pairs: JudgedPairs | None = None) -> ray.data.Dataset:
-    """Tokenize rows with Ray Data and materialize them, so training workers only read blocks.
+    """Tokenize rows with Ray Data; the result is held by this driver, in row order, so training workers only read
+    blocks, and reads them the same whichever nodes come and go.
+
+    The encoding actor runs on a worker node and its output blocks live in that node's object store: if the node
+    is lost, those blocks are gone and cannot be rebuilt (the actor pool is gone too), and a restarted worker group
+    would fail on them. So the blocks are fetched here and put back from the driver (the head node, which a
+    training run outlives nothing of), sorted by `position`, the row's index in `frame`: the order, and so every
+    rank's share of each epoch (app/loop.py `epoch_rows`), does not depend on which actor encoded what first.
 
     With retrieval, `neighbours` are the rows' (N, k) positions into `pairs` (app/retrieval.py `plan_retrieval`).
     """
     columns = frame[["prompt", "response_a", "response_b", "label",
                      *(column for column in TEACHER_COLUMNS if column in frame)]]
+    columns = columns.assign(row_id=frame["id"].astype(str).to_numpy() if "id" in frame else np.arange(len(frame)),
+                             position=np.arange(len(frame)))
     if neighbours is not None:
         columns = columns.assign(neighbours=list(neighbours))
     dataset = ray.data.from_pandas(columns)
     dataset = dataset.map_batches(EncodeBatch, fn_constructor_args=(config_to_dict(config),
                                                                     None if pairs is None else pairs.texts_only()),
                                   batch_size=ENCODE_BATCH_ROWS, concurrency=1, num_cpus=1)
-    return dataset.materialize()
+    table = pa.concat_tables(ray.get(dataset.materialize().to_arrow_refs()))
+    table = table.take(pc.sort_indices(table, [("position", "ascending")]))
+    return ray.data.from_arrow([table.slice(start, BLOCK_ROWS) for start in range(0, max(len(table), 1), BLOCK_ROWS)])
 
 
 def build_trainer(config: Config, train: ray.data.Dataset, valid: ray.data.Dataset, rows_per_worker: int,
@@ -136,10 +152,11 @@ def build_trainer(config: Config, train: ray.data.Dataset, valid: ray.data.Datas
     path -> content, e.g. the retrieval index) into every exported checkpoint."""
     scaling = config.scaling
     resources = {"CPU": scaling.cpus_per_worker} | ({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})
-    storage = run_directory(config).rsplit("/", 1)[0]
+    root = run_directory(config).rsplit("/", 1)[0]
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config_to_dict(config), "rows_per_worker": rows_per_worker,
+                           "train_rows": train.count(), "run_dir": run_directory(config),
                            "checkpoint_meta": {"train_priors": train_priors},
                            "checkpoint_files": checkpoint_files or {}},
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
@@ -148,7 +165,7 @@ def build_trainer(config: Config, train: ray.data.Dataset, valid: ray.data.Datas
                                                accelerator_type=scaling.accelerator_type),
         run_config=ray.train.RunConfig(
             name=config.run.name,
-            storage_path=storage,
+            storage_path=root,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.run.keep_checkpoints,
                                                          checkpoint_score_attribute="valid_log_loss",
                                                          checkpoint_score_order="min"),
@@ -156,7 +173,9 @@ def build_trainer(config: Config, train: ray.data.Dataset, valid: ray.data.Datas
             callbacks=callbacks,
         ),
         datasets={"train": train, "valid": valid},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        # Not split by Ray Data (whose split follows block locality, which changes when nodes do): every worker
+        # reads the rows and keeps the ones the epoch deals it (app/loop.py `epoch_rows`).
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
 
 
@@ -169,8 +188,8 @@ def fit(config: Config, callbacks: list | None = None) -> FitResult:
     if config.model.kind == "tfidf_xgb":  # TF-IDF + XGBoost on Ray Train's XGBoostTrainer (app/classical.py)
         return fit_classical(config, callbacks)
     run_dir = run_directory(config)
-    snapshot = os.path.join(run_dir, CHECKPOINT_MANAGER_SNAPSHOT)
-    if "://" not in run_dir and os.path.exists(snapshot):
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the job log gets the epochs' own lines
+    if storage.exists(storage.join(run_dir, CHECKPOINT_MANAGER_SNAPSHOT)):
         if not config.run.resume:
             raise ConfigError(f"run.name={config.run.name!r} already has checkpoints in {run_dir}; choose another "
                               "run.name, delete that folder, or set run.resume=true to continue it")
@@ -187,8 +206,8 @@ def fit(config: Config, callbacks: list | None = None) -> FitResult:
           f"(fold {config.data.valid_fold} of {config.data.n_folds}, grouped by prompt)", flush=True)
     retrieval = None
     if config.retrieval.enabled:
-        storage = run_dir.rsplit("/", 1)[0]
-        cache_dir = None if "://" in storage else os.path.join(storage, "embedding_cache")
+        root = run_dir.rsplit("/", 1)[0]
+        cache_dir = None if storage.is_uri(root) else os.path.join(root, "embedding_cache")
         retrieval = plan_retrieval(train_frame, valid_frame, config, cache_dir)
         print(f"retrieval: indexed {len(retrieval.pairs)} training pairs ({config.retrieval.embed} embeddings, "
               f"{config.retrieval.index} index); {config.retrieval.k} neighbours per row", flush=True)
@@ -217,11 +236,12 @@ def with_teacher(train_frame: pd.DataFrame, config: Config) -> pd.DataFrame:
 
 
 def summarize_run(result: ray.train.Result, run_dir: str, n_rejected: int) -> FitResult:
-    """The best checkpoint by validation log loss of a finished run, also written to <run_dir>/summary.json."""
+    """The best checkpoint by validation log loss of a finished run, also written to <run_dir>/summary.json (on the
+    run's storage, an s3:// URI included). The checkpoint is named by a URI every node can read: Ray gives the path
+    within its filesystem (`bucket/runs/x/epoch_001`), without the scheme."""
     checkpoint, metrics = min(result.best_checkpoints, key=lambda pair: pair[1]["valid_log_loss"])
+    best = storage.uri_of(checkpoint.filesystem, checkpoint.path, like=run_dir)
     history = result.return_value or []
-    summary = {"best_checkpoint": checkpoint.path, "best_metrics": metrics, "history": history, "n_rejected": n_rejected}
-    if "://" not in run_dir:
-        with open(os.path.join(run_dir, "summary.json"), "w", encoding="utf-8") as handle:
-            json.dump(summary, handle, indent=2, default=float)
-    return FitResult(run_dir, checkpoint.path, dict(metrics), history, n_rejected)
+    summary = {"best_checkpoint": best, "best_metrics": metrics, "history": history, "n_rejected": n_rejected}
+    storage.write_json(storage.join(run_dir, "summary.json"), summary)
+    return FitResult(run_dir, best, dict(metrics), history, n_rejected)

@@ -10,8 +10,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from app import rowlog
 from app.config import ConfigError, load_config
-from app.training import fit
+from app.training import fit, load_training_rows, split_train_valid
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 # Few, short rows: what is tested is the bookkeeping of a resumed run, not learning (6 steps an epoch per worker).
@@ -69,6 +70,20 @@ def fit_while_killing(config, run_dir: Path):
     return outcome
 
 
+def assert_each_row_once_per_epoch(result, config, like=None) -> None:
+    """The row logs of every epoch: each training row trained once (none lost, none repeated), and, given the run
+    `like` (uninterrupted, same seed), every rank trained the same rows in the same order as it."""
+    frame, _ = load_training_rows(config, result.run_dir)
+    train, _ = split_train_valid(frame, config)
+    world = config.scaling.num_workers
+    for epoch in range(len(result.history)):
+        logs = rowlog.read(result.run_dir, epoch)
+        accounted = rowlog.account(logs, train["id"].astype(str), sits_out=len(train) % world)
+        assert accounted | {"lost": 0, "repeated": 0, "unknown": 0, "ranks": world} == accounted, accounted
+        if like is not None:
+            assert [log["row_ids"] for log in logs] == [log["row_ids"] for log in rowlog.read(like.run_dir, epoch)]
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(ray_session, tmp_path_factory):
     storage = tmp_path_factory.mktemp("runs")
@@ -85,6 +100,7 @@ def test_a_killed_worker_is_replaced_and_training_continues(uninterrupted, tmp_p
     assert result.history[-1]["step"] == uninterrupted.history[-1]["step"]
     assert result.best_metrics["valid_log_loss"] == pytest.approx(uninterrupted.best_metrics["valid_log_loss"],
                                                                   abs=TOLERANCE)
+    assert_each_row_once_per_epoch(result, config, like=uninterrupted)
 
 
 def test_a_failed_run_resubmitted_under_its_name_continues(uninterrupted, tmp_path):
@@ -98,3 +114,4 @@ def test_a_failed_run_resubmitted_under_its_name_continues(uninterrupted, tmp_pa
     assert [row["epoch"] for row in result.history] == [row["epoch"] for row in uninterrupted.history]
     assert result.best_metrics["valid_log_loss"] == pytest.approx(uninterrupted.best_metrics["valid_log_loss"],
                                                                   abs=TOLERANCE)
+    assert_each_row_once_per_epoch(result, config, like=uninterrupted)
