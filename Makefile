@@ -21,7 +21,7 @@ DEMO_OVERRIDES ?=
 DEMO_RUNS := $(CURDIR)/runs
 DEMO_DATA := $(DEMO_RUNS)/demo/builtin_data
 
-.PHONY: setup test demo serve bench clean
+.PHONY: setup test rehearsal demo serve bench clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,14 @@ $(STAMP): pyproject.toml
 
 test: setup
 	RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.2 $(PY) -m pytest -q --durations=15
+
+# Every scenario of the multi-node rehearsal (tests/rehearsal.py: a head with no CPUs, two worker nodes in mount
+# namespaces of their own, S3 on 127.0.0.1; root and util-linux's unshare needed), then what they measured.
+# The compact scenario (tests/test_rehearsal.py) is part of `make test` too.
+rehearsal: setup
+	rm -f runs/rehearsal/report.json
+	RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.2 $(PY) -m pytest -q -m "rehearsal or integration" tests/test_rehearsal.py tests/test_rehearsal_full.py --durations=0
+	@cat runs/rehearsal/report.json
 
 # A Ray token of the recipe's own, in the folder $(1) (what `ray get-auth-token --generate` writes to ~/.ray), for
 # `ray start` and every client after it. RAY_AUTH_TOKEN, which would win over the file, is unset.

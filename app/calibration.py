@@ -1,7 +1,10 @@
-"""Post-hoc calibration of class logits: temperature and vector scaling, ECE, reliability diagrams, smoothing.
+"""Post-hoc calibration of class logits: temperature and vector scaling, ECE, reliability diagrams, smoothing,
+and the bias-corrected calibration that class-prior adaptation needs (`fit_prior_calibration`), with the error
+EM makes on its held-out rows (`held_out_prior_error`).
 
-Everything here fits on held-out (validation or out-of-fold) logits and is numpy/scipy only; matplotlib is
-imported inside `reliability_diagram` and nowhere else. Classes are in `app.data.LABEL_COLUMNS` order.
+Everything here fits on held-out (validation or out-of-fold) logits and is numpy/scipy only (pydantic for the
+stored `PriorCalibration`); matplotlib is imported inside `reliability_diagram` and nowhere else. Classes are in
+`app.data.LABEL_COLUMNS` order.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 from scipy.optimize import minimize, minimize_scalar
 from scipy.special import log_softmax, logsumexp
 
@@ -275,3 +279,181 @@ def fit_calibration(
         vector_weights=None if weights is None else tuple(float(v) for v in weights),
         vector_bias=None if bias is None else tuple(float(v) for v in bias),
     )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bias-corrected calibration for class-prior adaptation (app/priors.py, `calibrated_em`)
+
+PriorCalibrationMethod = Literal["bcts", "vector"]
+SWAP_AB = (1, 0, 2)  # class order (A, B, tie) with A and B exchanged
+
+
+def _parameter_maps(method: PriorCalibrationMethod, symmetric: bool, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Linear maps from the free parameters theta (P,) to per-class scales w = W @ theta and biases b = B @ theta.
+
+    The bias of class 0 is fixed at 0 (softmax ignores a constant added to every bias). "bcts" shares one scale
+    (1/T) across classes; "vector" has one per class. `symmetric` ties A's and B's scale and bias, so the
+    calibrated posteriors of A/B-swapped logits are the swapped posteriors.
+    """
+    if symmetric:
+        if n_classes != 3:
+            raise ValueError(f"symmetric calibration is for the 3 classes (A, B, tie); got {n_classes} classes")
+        if method == "bcts":  # theta = (1/T, tie bias)
+            return np.array([[1.0, 0.0]] * 3), np.array([[0.0, 0.0], [0.0, 0.0], [0.0, 1.0]])
+        # theta = (A and B scale, tie scale, tie bias)
+        return (np.array([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]),
+                np.array([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0]]))
+    n_scales = 1 if method == "bcts" else n_classes
+    scales = np.ones((n_classes, 1)) if method == "bcts" else np.eye(n_classes)
+    biases = np.vstack([np.zeros((1, n_classes - 1)), np.eye(n_classes - 1)])  # (C, C - 1)
+    return (np.hstack([scales, np.zeros((n_classes, n_classes - 1))]),
+            np.hstack([np.zeros((n_classes, n_scales)), biases]))
+
+
+def fit_scaled_bias(logits: np.ndarray, labels: np.ndarray, method: PriorCalibrationMethod = "bcts",
+                    symmetric: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Fit per-class scales w (C,) and biases b (C,) minimising the log loss of softmax(logits * w + b).
+
+    method="bcts" is bias-corrected temperature scaling (one temperature, a bias per class; Alexandari, Kundaje
+    & Shrikumar, ICML 2020), "vector" is vector scaling. The log loss is convex in (w, b), so L-BFGS from
+    temperature scaling's solution reaches the minimum. With `symmetric` the parameters of A and B are tied.
+    """
+    logits, labels = check_logits_and_labels(logits, labels)
+    n_rows, n_classes = logits.shape
+    scale_map, bias_map = _parameter_maps(method, symmetric, n_classes)
+    one_hot = np.eye(n_classes)[labels]  # (N, C)
+
+    def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        scaled = logits * (scale_map @ theta) + bias_map @ theta  # (N, C)
+        loss = np.mean(logsumexp(scaled, axis=1) - scaled[np.arange(n_rows), labels])
+        residual = (softmax(scaled) - one_hot) / n_rows  # d loss / d scaled, (N, C)
+        return float(loss), scale_map.T @ (residual * logits).sum(axis=0) + bias_map.T @ residual.sum(axis=0)
+
+    start = np.zeros(scale_map.shape[1])
+    start[scale_map.sum(axis=0) > 0] = 1.0 / fit_temperature(logits, labels)
+    result = minimize(objective, start, jac=True, method="L-BFGS-B",
+                      options={"maxiter": 1000, "ftol": 1e-15, "gtol": 1e-10})
+    return scale_map @ result.x, bias_map @ result.x
+
+
+class PriorCalibration(BaseModel):
+    """Calibration of class logits under the source class shares, for class-prior adaptation.
+
+    EM re-weights posteriors to new priors correctly only when they are calibrated; this is fitted on held-out
+    (out-of-fold) logits of the training distribution. probs = softmax(log_softmax(logits) * weights + bias)
+    (log-probabilities, so that a logit offset per row, which softmax ignores, cannot change the result where
+    the classes' scales differ), and
+    `source_priors` are the class shares of the rows it was fitted on (A's and B's averaged when symmetric):
+    the priors the calibrated posteriors are calibrated under.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    method: PriorCalibrationMethod
+    symmetric: bool
+    weights: tuple[float, ...]
+    bias: tuple[float, ...]
+    source_priors: tuple[float, ...]
+    n_rows: int = Field(ge=1)
+    log_loss_before: float = Field(description="softmax(logits) on the rows it was fitted on")
+    log_loss_after: float = Field(description="calibrated, on the same rows (in-sample)")
+    prior_error: float | None = Field(
+        None, ge=0, le=1, description="how far calibration + EM misses the class shares of held-out rows of the "
+        "source (`held_out_prior_error`, total variation): what calibrated_em's minimum shift is measured against; "
+        "None in calibrations stored before it was measured")
+
+    def apply(self, logits: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities (N, C) of logits or log-probabilities (the same: it scales log_softmax)."""
+        return apply_vector_scaling(log_softmax(np.asarray(logits, dtype=np.float64), axis=1),
+                                    np.array(self.weights), np.array(self.bias))
+
+    def describe(self) -> str:
+        """One line: the method and its parameters."""
+        kind = f"{self.method}{' symmetric' if self.symmetric else ''}"
+        if self.method == "bcts":
+            return f"{kind} T={1 / self.weights[0]:.3f} bias={[round(b, 3) for b in self.bias]}"
+        return f"{kind} weights={[round(w, 3) for w in self.weights]} bias={[round(b, 3) for b in self.bias]}"
+
+
+def _held_out_posteriors(logits: np.ndarray, labels: np.ndarray, method: PriorCalibrationMethod, symmetric: bool,
+                         held: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The `held` rows calibrated by a fit on the other rows, (H, C), and the class shares of those other rows
+    (C,) (A's and B's averaged when symmetric): the priors the held-out posteriors are calibrated under."""
+    weights, bias = fit_scaled_bias(logits[~held], labels[~held], method, symmetric)
+    return apply_vector_scaling(logits[held], weights, bias), _class_shares(labels[~held], logits.shape[1], symmetric)
+
+
+def _class_shares(labels: np.ndarray, n_classes: int, symmetric: bool) -> np.ndarray:
+    shares = np.bincount(labels, minlength=n_classes) / len(labels)
+    return (shares + shares[list(SWAP_AB)]) / 2 if symmetric else shares
+
+
+def _cross_validated_log_loss(logits: np.ndarray, labels: np.ndarray, method: PriorCalibrationMethod,
+                              symmetric: bool, folds: np.ndarray) -> float:
+    """Log loss of each fold's rows under the calibration fitted on the other folds, over all rows."""
+    probs = np.empty_like(logits)
+    for fold in np.unique(folds):
+        probs[folds == fold] = _held_out_posteriors(logits, labels, method, symmetric, folds == fold)[0]
+    return log_loss(probs, labels)
+
+
+def held_out_prior_error(logits: np.ndarray, labels: np.ndarray, method: PriorCalibrationMethod,
+                         symmetric: bool = True, n_folds: int = 5, repeats: int = 4, seed: int = 0) -> float:
+    """How far calibration followed by EM misses the class shares of rows it did not see: the root mean square,
+    over `repeats` random splits into `n_folds` folds, of the total variation distance between EM's estimate
+    on a held-out fold (calibrated by a fit on the other folds, EM started from their shares, A and B tied when
+    `symmetric`) and that fold's own class shares (A's and B's averaged when symmetric).
+
+    The fold's labels are known, so every bit of this distance is error: the calibration's, and EM's sampling
+    noise on a fold of N / n_folds rows. It does not see a shift of the texts, which the source cannot show.
+
+    Raises:
+        ValueError: EM drives a class prior to zero on a fold (a class too rare for these rows).
+    """
+    from app.priors import run_em  # app.priors imports this module
+
+    logits, labels = check_logits_and_labels(logits, labels)
+    logits = log_softmax(logits, axis=1)  # what `PriorCalibration.apply` scales
+    rng = np.random.default_rng(seed)
+    errors = []
+    for _ in range(repeats):
+        folds = rng.permutation(len(labels)) % n_folds
+        for fold in range(n_folds):
+            probs, train_shares = _held_out_posteriors(logits, labels, method, symmetric, folds == fold)
+            try:
+                estimate = run_em(probs, train_shares, tie_ab=symmetric).priors
+            except ValueError as exc:
+                raise ValueError(f"cannot measure the prior error of the calibration on held-out folds of "
+                                 f"{len(labels)} rows ({exc}); calibrate on more rows") from None
+            truth = _class_shares(labels[folds == fold], logits.shape[1], symmetric)
+            errors.append(0.5 * np.abs(estimate - truth).sum())
+    return float(np.sqrt(np.mean(np.square(errors))))
+
+
+def fit_prior_calibration(logits: np.ndarray, labels: np.ndarray,
+                          method: PriorCalibrationMethod | Literal["auto"] = "auto", symmetric: bool = True,
+                          n_folds: int = 5, seed: int = 0, error_repeats: int = 4) -> PriorCalibration:
+    """Fit the calibration class-prior adaptation needs on held-out logits (`PriorCalibration`), and measure
+    its `prior_error` (`held_out_prior_error`, over `error_repeats` splits into `n_folds` folds).
+
+    method="auto" takes vector scaling only where it helps: when its log loss, cross-validated over `n_folds`
+    random folds of these rows, is below bias-corrected temperature scaling's; else "bcts".
+    """
+    logits, labels = check_logits_and_labels(logits, labels)
+    logits = log_softmax(logits, axis=1)  # what `PriorCalibration.apply` scales
+    if method not in ("bcts", "vector", "auto"):
+        raise ValueError(f"method must be 'bcts', 'vector' or 'auto', got {method!r}")
+    if error_repeats < 1 or n_folds < 2:
+        raise ValueError(f"need error_repeats >= 1 and n_folds >= 2; got {error_repeats}, {n_folds}")
+    if method == "auto":
+        folds = np.random.default_rng(seed).permutation(len(labels)) % n_folds
+        losses = {name: _cross_validated_log_loss(logits, labels, name, symmetric, folds)
+                  for name in ("bcts", "vector")}
+        method = "vector" if losses["vector"] < losses["bcts"] else "bcts"
+    weights, bias = fit_scaled_bias(logits, labels, method, symmetric)
+    return PriorCalibration(
+        method=method, symmetric=symmetric, weights=tuple(map(float, weights)), bias=tuple(map(float, bias)),
+        source_priors=tuple(map(float, _class_shares(labels, logits.shape[1], symmetric))), n_rows=len(labels),
+        log_loss_before=log_loss(softmax(logits), labels),
+        log_loss_after=log_loss(apply_vector_scaling(logits, weights, bias), labels),
+        prior_error=held_out_prior_error(logits, labels, method, symmetric, n_folds, error_repeats, seed))

@@ -38,6 +38,7 @@ import scipy.sparse as sp
 import xgboost
 from ray.train.xgboost import XGBoostConfig, XGBoostTrainer
 
+from app import storage
 from app.config import Config, ConfigError, config_to_dict, validate_config
 from app.data import LABEL_COLUMNS
 from app.features import PairFeaturizer
@@ -185,7 +186,8 @@ def fit_classical(config: Config, callbacks: list | None = None) -> FitResult:
     """Train a tfidf_xgb model with Ray Train's XGBoostTrainer; returns app.training.FitResult.
 
     Boosting writes its one checkpoint at the end, so a run folder that has checkpoints holds a finished
-    run: with run.resume it is returned as it is (from its summary.json), else refused.
+    run: with run.resume it is returned as it is (from its summary.json), else refused. The run folder is a local
+    path or a URI (`run.storage_path=s3://...`).
     """
     # app.training and app.modeling import torch; the workers import this module and need neither.
     from app.modeling import CHECKPOINT_FORMAT, CHECKPOINT_META
@@ -193,7 +195,7 @@ def fit_classical(config: Config, callbacks: list | None = None) -> FitResult:
         CHECKPOINT_MANAGER_SNAPSHOT, FitResult, load_training_rows, run_directory, split_train_valid, summarize_run)
 
     run_dir = run_directory(config)
-    if "://" not in run_dir and os.path.exists(os.path.join(run_dir, CHECKPOINT_MANAGER_SNAPSHOT)):
+    if storage.exists(storage.join(run_dir, CHECKPOINT_MANAGER_SNAPSHOT)):
         summary = finished_run_summary(config, run_dir, CHECKPOINT_META)
         return FitResult(run_dir, summary["best_checkpoint"], summary["best_metrics"], summary["history"],
                          summary["n_rejected"])
@@ -241,17 +243,15 @@ def rows_dataset(frame: pd.DataFrame) -> ray.data.Dataset:
 
 def finished_run_summary(config: Config, run_dir: str, meta_file: str) -> dict[str, Any]:
     """summary.json of a finished tfidf_xgb run in `run_dir`, or a ConfigError saying what to do."""
-    summary_path = os.path.join(run_dir, "summary.json")
+    summary_path = storage.join(run_dir, "summary.json")
     if not config.run.resume:
         raise ConfigError(f"run.name={config.run.name!r} already has checkpoints in {run_dir}; choose another "
                           "run.name, delete that folder, or set run.resume=true to reuse the finished run")
-    if not os.path.exists(summary_path):
+    if not storage.exists(summary_path):
         raise ConfigError(f"{run_dir} has checkpoints but no summary.json (the run stopped after boosting); "
                           "delete that folder or choose another run.name")
-    with open(summary_path, encoding="utf-8") as handle:
-        summary = json.load(handle)
-    with open(os.path.join(summary["best_checkpoint"], meta_file), encoding="utf-8") as handle:
-        kind = json.load(handle).get("kind")
+    summary = storage.read_json(summary_path)
+    kind = storage.read_json(storage.join(summary["best_checkpoint"], meta_file)).get("kind")
     if kind != KIND:
         raise ConfigError(f"{run_dir} holds a model.kind={kind} run, not {KIND}; choose another run.name")
     print(f"run {config.run.name!r} is finished (boosting writes one checkpoint at its end): reusing "

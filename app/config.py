@@ -275,11 +275,37 @@ class PredictConfig(_Section):
         "training class shares; None = the spec's (0 for a checkpoint)")
     num_actors: int = Field(1, ge=1)
     cpus_per_actor: float = Field(1.0, gt=0)
-    priors: Literal["em"] | tuple[float, float, float] | None = Field(
-        None, description="re-weight predictions to these class shares [pA, pB, pTie], or 'em' to estimate "
-        "them on the rows predicted (Saerens et al., 2002); overrides an ensemble spec's priors")
+    priors: Literal["em", "calibrated_em"] | tuple[float, float, float] | None = Field(
+        None, description="re-weight predictions to these class shares [pA, pB, pTie], or estimate them on the rows "
+        "predicted: 'calibrated_em' calibrates first (the calibration a jobs.ensemble spec or jobs.cv checkpoint "
+        "stores), ties A and B, and falls back to the unadjusted prediction when the shift is within noise; 'em' "
+        "is plain EM (Saerens et al., 2002) on the posteriors as they are; overrides an ensemble spec's priors")
     train_priors: tuple[float, float, float] | None = Field(
         None, description="class shares the model was trained on; default: the checkpoint's (arena.json) or spec's")
+    em_max_iter: int | None = Field(None, ge=1, description="EM iterations at most (calibrated_em falls back if it "
+                                    "stops unconverged); None = the spec's (1000)")
+    em_tol: float | None = Field(None, gt=0, description="EM has converged when no prior moves by this much; "
+                                 "None = the spec's (1e-6)")
+    em_tie_ab: bool | None = Field(None, description="calibrated_em keeps the A and B priors equal; None = the "
+                                   "spec's (true)")
+    em_safeguard_resamples: int | None = Field(
+        None, ge=0, description="calibrated_em: bootstrap resamples of the rows that decide whether the shift is "
+        "more than noise (0 = always keep it); None = the spec's (200)")
+    em_safeguard_alpha: float | None = Field(
+        None, gt=0, lt=0.5, description="calibrated_em keeps the shift when the alpha-quantile of the bootstrapped "
+        "log-likelihood gain is above 0; None = the spec's (0.05)")
+    em_min_shift: float | Literal["auto"] | None = Field(
+        None, description="calibrated_em leaves the prediction unadjusted when the estimated priors are less than "
+        "this far (total variation) from the source's: a number in [0, 1] (0 = any shift), or 'auto' = 2 z x the "
+        "error calibration + EM makes on held-out source rows (which the calibration stores), z = 1.64 the normal "
+        "quantile at 1 - em_safeguard_alpha; None = the spec's ('auto')")
+
+    @model_validator(mode="after")
+    def _min_shift(self) -> PredictConfig:
+        if isinstance(self.em_min_shift, float) and not 0 <= self.em_min_shift <= 1:
+            raise ValueError(f"em_min_shift must be a total variation distance in [0, 1] or 'auto'; got "
+                             f"{self.em_min_shift}")
+        return self
 
     @model_validator(mode="after")
     def _shares(self) -> PredictConfig:

@@ -4,8 +4,12 @@ A member folder (`<run.storage_path>/<run.name>/`) holds:
 
     member.json   {"format": 1, "member": name, "folds": [{"fold", "checkpoint", "valid_log_loss",
                    "valid_accuracy", "rows", "train_seconds", "predict_seconds"}], "oof_log_loss",
-                   "oof_accuracy", "tta_swap", "train_seconds", "predict_seconds_per_1000_rows", "config"}
-                  (the timing keys may be absent in older folders, or null where unknown)
+                   "oof_accuracy", "tta_swap", "train_seconds", "predict_seconds_per_1000_rows",
+                   "prior_calibration", "config"}
+                  (the timing and calibration keys may be absent in older folders, or null where unknown;
+                  prior_calibration is `app.calibration.fit_prior_calibration` on the out-of-fold logits, and
+                  each fold checkpoint's arena.json gets the one fitted on its own validation fold,
+                  which `predict.priors=calibrated_em` applies)
     oof.parquet   one row per training row: id (str), fold (int), label (int), logit_a, logit_b, logit_tie,
                   scored by the fold model that did not train on it
     test.parquet  (with a test file) every fold model on every test row: id, fold, logit_a, logit_b, logit_tie
@@ -14,26 +18,29 @@ Logits are natural-log class scores (softmax gives probabilities); with `predict
 of both A/B views' log-probabilities (`predict.tta_combine=prob`: the log of their mean probabilities).
 Folds are the prompt-grouped split of app/data.py (`data.n_folds`, `seed`), so members trained with the same data settings share folds row for row, which calibration and
 ensemble fitting (app/calibration.py, app/ensemble.py) rely on; `load_members` checks it. Reading a
-member folder (`load_member`, `load_members`) lives in app/members.py, which needs no Ray.
+member folder (`load_member`, `load_members`) lives in app/members.py, which needs no Ray. Member folders,
+fold runs and checkpoints are local paths or URIs (s3://...): every file goes through app/storage.py.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import tempfile
 import time
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 
-from app.calibration import expected_calibration_error, fit_calibration, reliability_diagram
+from app import storage
+from app.calibration import (
+    PriorCalibration, expected_calibration_error, fit_calibration, fit_prior_calibration, reliability_diagram)
 from app.config import Config, apply_overrides, config_to_dict, validate_config
 from app.data import load_pairs
 from app.ensemble import EnsembleMember, EnsembleSpec, apply_spec_to_member_logits, combine, fit_ensemble, save_spec
 from app.members import LOGIT_COLUMNS, OOF_FORMAT, Member, load_member, load_members
 from app.metrics import score, softmax
-from app.modeling import library_versions
+from app.modeling import CHECKPOINT_META, library_versions
 from app.prediction import score_rows
 from app.training import fit, load_training_rows, run_directory, split_train_valid
 
@@ -50,7 +57,7 @@ def run_cv(config: Config, folds: list[int] | None = None, test_path: str | None
     for fold in folds:
         fold_config = validate_config(apply_overrides(config_to_dict(config), {
             "data.valid_fold": fold, "run.name": f"{config.run.name}-fold{fold}"}), f"fold {fold} config")
-        finished_before = os.path.exists(os.path.join(run_directory(fold_config), "summary.json"))
+        finished_before = storage.exists(storage.join(run_directory(fold_config), "summary.json"))
         started = time.perf_counter()
         result = fit(fold_config)
         train_seconds = record_train_seconds(result.run_dir, time.perf_counter() - started, finished_before)
@@ -60,6 +67,8 @@ def run_cv(config: Config, folds: list[int] | None = None, test_path: str | None
         logits = score_rows(result.best_checkpoint, valid, config.predict, output="logits")
         predict_seconds = time.perf_counter() - started
         oof_parts.append(_logit_frame(valid["id"], fold, logits).assign(label=valid["label"].to_numpy()))
+        store_prior_calibration(result.best_checkpoint,
+                                fit_member_calibration(logits, valid["label"].to_numpy(), f"fold {fold}"))
         fold_meta.append({"fold": fold, "checkpoint": result.best_checkpoint, "rows": len(valid),
                           "train_seconds": train_seconds, "predict_seconds": predict_seconds,
                           **{f"valid_{k}": v for k, v in score(softmax(logits), valid["label"].to_numpy()).items()}})
@@ -71,28 +80,47 @@ def run_cv(config: Config, folds: list[int] | None = None, test_path: str | None
     oof_metrics = score(softmax(oof[list(LOGIT_COLUMNS)].to_numpy()), oof["label"].to_numpy())
     meta = {"format": OOF_FORMAT, "member": config.run.name, "folds": fold_meta,
             "oof_log_loss": oof_metrics["log_loss"], "oof_accuracy": oof_metrics["accuracy"],
-            "tta_swap": config.predict.tta_swap, **timing_summary(fold_meta), "config": config_to_dict(config)}
-    os.makedirs(member_dir, exist_ok=True)
-    oof.to_parquet(os.path.join(member_dir, "oof.parquet"), index=False)
+            "tta_swap": config.predict.tta_swap, **timing_summary(fold_meta),
+            "prior_calibration": _dump(fit_member_calibration(oof[list(LOGIT_COLUMNS)].to_numpy(),
+                                                              oof["label"].to_numpy(), "out-of-fold rows")),
+            "config": config_to_dict(config)}
+    storage.write_parquet(storage.join(member_dir, "oof.parquet"), oof)
     if test_parts:
-        pd.concat(test_parts, ignore_index=True).to_parquet(os.path.join(member_dir, "test.parquet"), index=False)
-    with open(os.path.join(member_dir, "member.json"), "w", encoding="utf-8") as handle:
-        json.dump(meta, handle, indent=2)
+        storage.write_parquet(storage.join(member_dir, "test.parquet"), pd.concat(test_parts, ignore_index=True))
+    storage.write_json(storage.join(member_dir, "member.json"), meta)
     return load_member(member_dir)
+
+
+def fit_member_calibration(logits: np.ndarray, labels: np.ndarray, rows: str) -> PriorCalibration | None:
+    """`fit_prior_calibration` on held-out logits, or None (said so) where they cannot be calibrated (too few
+    rows, or logits without signal): CV goes on, and calibrated_em then refuses the checkpoint by name."""
+    try:
+        return fit_prior_calibration(logits, labels)
+    except ValueError as exc:
+        print(f"cv: {rows}: no prior calibration stored ({exc})", flush=True)
+        return None
+
+
+def _dump(calibration: PriorCalibration | None) -> dict | None:
+    return None if calibration is None else calibration.model_dump(mode="json")
+
+
+def store_prior_calibration(checkpoint: str, calibration: PriorCalibration | None) -> None:
+    """Add `prior_calibration` to a checkpoint's arena.json (a local folder or a URI), rewritten whole."""
+    if calibration is None:
+        return
+    path = storage.join(checkpoint, CHECKPOINT_META)
+    storage.write_json(path, {**storage.read_json(path), "prior_calibration": _dump(calibration)})
 
 
 def record_train_seconds(run_dir: str, seconds: float, finished_before: bool) -> float | None:
     """The wall time of the `fit` call that trained a fold run (Ray start-up, data encoding, training and
     evaluation), kept in <run_dir>/timing.json: a run that had finished before this call is only read back
     (None if it predates timing.json); a resumed, unfinished run counts its last call only."""
-    path = os.path.join(run_dir, "timing.json")
+    path = storage.join(run_dir, "timing.json")
     if finished_before:
-        if not os.path.exists(path):
-            return None
-        with open(path, encoding="utf-8") as handle:
-            return float(json.load(handle)["train_seconds"])
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump({"train_seconds": seconds}, handle)
+        return float(storage.read_json(path)["train_seconds"]) if storage.exists(path) else None
+    storage.write_json(path, {"train_seconds": seconds})
     return seconds
 
 
@@ -124,12 +152,11 @@ def build_ensemble(directories: list[str], out_dir: str, mode: Literal["prob", "
     reported log loss is its member's out-of-fold one.
     """
     members, labels = load_members(directories)
-    os.makedirs(out_dir, exist_ok=True)
     rows = []
     for member in members:
         report = fit_calibration(member.oof_logits, labels)
-        reliability_diagram(softmax(member.oof_logits), report.apply(member.oof_logits), labels,
-                            os.path.join(out_dir, f"reliability_{member.name}.png"))
+        write_reliability_diagram(softmax(member.oof_logits), report.apply(member.oof_logits), labels,
+                                  storage.join(out_dir, f"reliability_{member.name}.png"))
         rows.append({"member": member.name, "rows": report.n_rows, "temperature": report.temperature,
                      "log_loss_before": report.log_loss_before, "log_loss_after": report.log_loss_after,
                      "ece_before": report.ece_before, "ece_after": report.ece_after})
@@ -154,9 +181,17 @@ def build_ensemble(directories: list[str], out_dir: str, mode: Literal["prob", "
         "members": tuple(fold_members), "member_dirs": {member.name: member.directory for member in members},
         "report": fitted.report.model_copy(update={"member_log_loss": fold_losses})})
     spec = EnsembleSpec.model_validate(spec.model_dump())  # re-check the expanded spec (weights still sum to 1)
-    save_spec(spec, os.path.join(out_dir, "ensemble.json"))
-    table.to_csv(os.path.join(out_dir, "calibration.csv"), index=False)
+    save_spec(spec, storage.join(out_dir, "ensemble.json"))
+    storage.write_csv(storage.join(out_dir, "calibration.csv"), table)
     return spec, table
+
+
+def write_reliability_diagram(probs_before: np.ndarray, probs_after: np.ndarray, labels: np.ndarray,
+                              path: str) -> None:
+    """`app.calibration.reliability_diagram` to `path`, a local file or a URI (drawn in a scratch folder)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        drawn = reliability_diagram(probs_before, probs_after, labels, os.path.join(scratch, "reliability.png"))
+        storage.write_bytes(path, drawn.read_bytes())
 
 
 def fold_test_logits(member: Member, ids: pd.Series) -> dict[int, np.ndarray]:

@@ -1,7 +1,7 @@
 """Teacher-student distillation: a teacher's out-of-fold probabilities as soft labels, and the loss.
 
 A teacher is an out-of-fold member folder (jobs/cv.py) or an ensemble spec (jobs/ensemble.py) that records
-its members' folders: every training row then has a prediction from a model that did not train on that
+its members' folders, each a local path or a URI (s3://...): every training row then has a prediction from a model that did not train on that
 row, so the soft labels carry what the teacher generalises rather than what it memorised. An ensemble's
 out-of-fold probabilities combine its members' out-of-fold logits with the spec's weights, temperatures and
 mode (`app.ensemble.combine`); its class-prior shift (`priors`) is a prediction-time adjustment to a test
@@ -12,12 +12,11 @@ The loss of a batch is
     alpha * T^2 * KL(softmax(log p_teacher / T) || softmax(z_student / T)) + (1 - alpha) * CE(z_student, label)
 
 (Hinton et al., 2015): T^2 keeps the soft term's gradients the size of the hard term's as T grows.
-numpy, pandas and torch only.
+numpy, pandas and torch only (files through app/storage.py).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from app import storage
 from app.ensemble import EnsembleSpecError, combine, load_spec, member_group
 from app.members import load_member, load_members
 from app.metrics import softmax
@@ -70,7 +70,7 @@ def load_teacher(path: str) -> Teacher:
     """
     if path.endswith(".json"):
         teacher = _ensemble_teacher(path)
-    elif os.path.isdir(path):
+    elif storage.is_dir(path):
         member = load_member(path)
         teacher = Teacher(path, member.oof["id"].astype(str).to_numpy(), softmax(member.oof_logits),
                           member.oof["label"].to_numpy(dtype=np.int64))

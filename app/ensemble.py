@@ -1,8 +1,9 @@
 """Ensembles of finetuned members: simplex weights fitted on out-of-fold logits, a JSON spec, and its application.
 
-`apply_spec_to_member_logits` is the one function batch prediction and the Serve app call: members'
-logits in, the ensemble's class probabilities (A, B, tie; `app.data.LABEL_COLUMNS` order) out.
-numpy, scipy and pydantic only.
+`apply_spec` (and `apply_spec_to_member_logits`, its probabilities only) is the one function batch prediction
+and the Serve app call: members' logits in, the ensemble's class probabilities (A, B, tie;
+`app.data.LABEL_COLUMNS` order) and the record of any class-prior shift out. numpy, scipy and pydantic only (and
+app/storage.py for the spec file, a local path or a URI such as s3://...).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -20,11 +20,15 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 from scipy.optimize import minimize
 from scipy.special import logsumexp
 
-from app.calibration import check_logits_and_labels, fit_temperature
+from app.calibration import PriorCalibration, check_logits_and_labels, fit_prior_calibration, fit_temperature
 from app.metrics import log_loss, softmax
-from app.priors import check_priors, class_frequencies, shift_priors
+from app.priors import (
+    EMSettings, PriorShift, adapt_priors_calibrated, check_priors, class_frequencies, reweight_to_priors,
+    shift_priors_em)
 
 CombineMode = Literal["prob", "logit"]
+EstimatedPriors = Literal["em", "calibrated_em"]
+ESTIMATED_PRIORS = ("em", "calibrated_em")
 N_CLASSES = 3
 WEIGHT_SUM_TOLERANCE = 1e-6
 
@@ -140,12 +144,12 @@ class _Strict(BaseModel):
 
 
 def _validate_priors_value(value: Any, name: str, allow_em: bool) -> Any:
-    """None, "em" (where allowed) or three positive class probabilities summing to 1, as a tuple."""
-    if value is None or (allow_em and value == "em"):
+    """None, "em" / "calibrated_em" (where allowed) or three positive class probabilities summing to 1, as a tuple."""
+    if value is None or (allow_em and value in ESTIMATED_PRIORS):
         return value
     if not isinstance(value, (list, tuple)) or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-        allowed = 'null, "em" or [pA, pB, pTie]' if allow_em else "null or [pA, pB, pTie]"
+        allowed = 'null, "em" or [pA, pB, pTie], or "calibrated_em"' if allow_em else "null or [pA, pB, pTie]"
         raise ValueError(f"must be {allowed}; got {value!r}")
     return tuple(float(v) for v in check_priors(value, N_CLASSES, name))
 
@@ -173,10 +177,15 @@ class EnsembleSpec(_Strict):
     spec_version: Literal[1] = 1
     members: tuple[EnsembleMember, ...] = Field(min_length=1)
     mode: CombineMode
-    priors: Literal["em"] | tuple[float, float, float] | None = Field(
-        None, description='class-prior shift after combining: null = none, "em" = estimate on each batch, '
-                          "[pA, pB, pTie] = re-weight to these")
+    priors: EstimatedPriors | tuple[float, float, float] | None = Field(
+        None, description='class-prior shift after combining: null = none, "em" = estimate on each batch (plain '
+                          'EM), "calibrated_em" = calibrate by prior_calibration, estimate with A and B tied, and '
+                          'keep the shift only where the data supports it, [pA, pB, pTie] = re-weight to these')
     train_priors: tuple[float, float, float] | None = Field(None, description="class shares of the training labels")
+    prior_calibration: PriorCalibration | None = Field(
+        None, description="bias-corrected calibration of the combined out-of-fold probabilities, which "
+                          "calibrated_em applies before EM (fitted by fit_ensemble)")
+    em: EMSettings = Field(EMSettings(), description="EM's stop and calibrated_em's safeguard")
     temperature: float = Field(1.0, gt=0, description="test-time temperature on the combined probabilities, before "
                                                        "the prior shift (members keep their own)")
     smoothing: float = Field(0.0, ge=0, lt=1, description="last: (1 - s) * p + s * prior (priors when fixed, the "
@@ -213,6 +222,9 @@ class EnsembleSpec(_Strict):
     def _consistent(self) -> EnsembleSpec:
         if self.priors is not None and self.train_priors is None:
             raise ValueError("train_priors: required when priors is set (the class shares the members were trained on)")
+        if self.priors == "calibrated_em" and self.prior_calibration is None:
+            raise ValueError("prior_calibration: required when priors is calibrated_em; this spec predates it: "
+                             "fit the ensemble again with jobs.ensemble (it fits one on the out-of-fold logits)")
         if self.smoothing and self.priors is None and self.train_priors is None:
             raise ValueError("train_priors: required when smoothing is set without fixed priors (the shares to smooth "
                              "toward)")
@@ -243,13 +255,12 @@ def _json_path(loc: tuple[int | str, ...]) -> str:
     return path or "(top level)"
 
 
-def save_spec(spec: EnsembleSpec, path: str | os.PathLike[str]) -> Path:
-    """Write the spec as indented JSON (written to a temporary file, then renamed); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(spec.model_dump_json(indent=2) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+def save_spec(spec: EnsembleSpec, path: str | os.PathLike[str]) -> str:
+    """Write the spec as indented JSON to a local path or a URI (never seen half-written); returns the path."""
+    from app import storage  # pyarrow: imported when a spec is written or read, not with the combining code
+
+    path = os.fspath(path)
+    storage.write_text(path, spec.model_dump_json(indent=2) + "\n")
     return path
 
 
@@ -260,8 +271,10 @@ def load_spec(path: str | os.PathLike[str]) -> EnsembleSpec:
         EnsembleSpecError: missing file, bad JSON, or invalid values, each named by JSON path
             (e.g. `members[1].weight`).
     """
+    from app import storage
+
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = storage.read_text(os.fspath(path))
     except FileNotFoundError:
         raise EnsembleSpecError(f"ensemble spec not found: {path}") from None
     try:
@@ -293,42 +306,77 @@ def _ordered_member_logits(
     return list(member_logits)
 
 
-def apply_spec_to_member_logits(
+def apply_spec(
     spec: EnsembleSpec, member_logits: Sequence[np.ndarray] | Mapping[str, np.ndarray]
-) -> np.ndarray:
-    """The ensemble's probabilities (N, 3) for members' (N, 3) logits: combine, then shift class priors.
+) -> tuple[np.ndarray, PriorShift | None]:
+    """The ensemble's probabilities (N, 3) for members' (N, 3) logits, and the record of its class-prior shift
+    (None without one): combine, then the test-time steps of `finish_probabilities`.
 
     `member_logits` is a list in the spec's member order or a mapping by member name. Combining uses each
     member's temperature and weight and the spec's mode. Then priors=[pA, pB, pTie] re-weights to those
-    priors, and priors="em" estimates them on these rows (pass a whole test set, not one request).
+    priors, and "em" / "calibrated_em" estimate them on these rows (pass a whole test set, not one request).
     """
     ordered = _ordered_member_logits(spec, member_logits)
     probs = combine(ordered, [m.weight for m in spec.members], spec.mode, [m.temperature for m in spec.members])
-    return finish_probabilities(probs, spec.temperature, spec.priors, spec.train_priors, spec.smoothing)
+    return finish_with_record(probs, spec.temperature, spec.priors, spec.train_priors, spec.smoothing,
+                              spec.prior_calibration, spec.em)
 
 
-def finish_probabilities(probs: np.ndarray, temperature: float = 1.0,
-                         priors: Literal["em"] | Sequence[float] | None = None,
-                         train_priors: Sequence[float] | None = None, smoothing: float = 0.0) -> np.ndarray:
+def apply_spec_to_member_logits(
+    spec: EnsembleSpec, member_logits: Sequence[np.ndarray] | Mapping[str, np.ndarray]
+) -> np.ndarray:
+    """The ensemble's probabilities (N, 3) for members' (N, 3) logits (`apply_spec` without its record)."""
+    return apply_spec(spec, member_logits)[0]
+
+
+def finish_with_record(probs: np.ndarray, temperature: float = 1.0,
+                       priors: EstimatedPriors | Sequence[float] | None = None,
+                       train_priors: Sequence[float] | None = None, smoothing: float = 0.0,
+                       calibration: PriorCalibration | None = None,
+                       em: EMSettings = EMSettings()) -> tuple[np.ndarray, PriorShift | None]:
     """The test-time steps after combining, in order: temperature (softmax(log p / T)), class-prior shift
-    (to fixed shares, or to shares estimated by EM on these rows), then smoothing toward the prior (the fixed
-    priors, the EM estimate, or the training shares). (N, 3) in and out.
+    (to fixed shares; to shares estimated by EM on these rows; or, "calibrated_em", calibrated by `calibration`
+    and estimated with the safeguard of `app.priors.adapt_priors_calibrated`), then smoothing toward the prior
+    (the fixed priors, the estimate applied, or the training shares). (N, 3) in and out, and the record of
+    the prior shift (None without one).
 
     Raises:
-        ValueError: a prior shift or smoothing without the class shares it needs.
+        ValueError: a prior shift or smoothing without the class shares or calibration it needs.
     """
     if temperature != 1.0:
         probs = softmax(np.log(np.maximum(probs, np.finfo(np.float64).tiny)) / temperature)
+    record = None
     if priors is not None:
         if train_priors is None:
             raise ValueError("a class-prior shift needs the class shares the model was trained on (train_priors)")
-        probs = shift_priors(probs, train_priors, priors)
+        if priors == "calibrated_em":
+            if calibration is None:
+                raise ValueError("priors=calibrated_em needs the calibration fitted on out-of-fold logits: use an "
+                                 "ensemble spec from jobs.ensemble or a checkpoint from jobs.cv")
+            probs, record = adapt_priors_calibrated(probs, calibration, em)
+        elif priors == "em":
+            probs, record = shift_priors_em(probs, train_priors, em)
+        else:
+            probs = reweight_to_priors(probs, np.asarray(train_priors), np.asarray(priors))
+            record = PriorShift(method="fixed", n_rows=len(probs), train_priors=tuple(map(float, train_priors)),
+                                applied_priors=tuple(map(float, priors)), reason="given priors")
     if smoothing:
-        target = probs.mean(axis=0) if priors == "em" else priors if priors is not None else train_priors
+        if priors == "em":
+            target = probs.mean(axis=0)
+        else:  # fixed priors, calibrated_em's estimate when applied, else the training shares
+            target = train_priors if record is None or record.applied_priors is None else record.applied_priors
         if target is None:
             raise ValueError("smoothing toward the prior needs class shares: give priors or train_priors")
         probs = (1.0 - smoothing) * probs + smoothing * np.asarray(target, dtype=np.float64)
-    return probs
+    return probs, record
+
+
+def finish_probabilities(probs: np.ndarray, temperature: float = 1.0,
+                         priors: EstimatedPriors | Sequence[float] | None = None,
+                         train_priors: Sequence[float] | None = None, smoothing: float = 0.0,
+                         calibration: PriorCalibration | None = None, em: EMSettings = EMSettings()) -> np.ndarray:
+    """`finish_with_record`'s probabilities only."""
+    return finish_with_record(probs, temperature, priors, train_priors, smoothing, calibration, em)[0]
 
 
 def fit_ensemble(
@@ -337,11 +385,12 @@ def fit_ensemble(
     labels: np.ndarray,
     mode: CombineMode,
     fit_temperatures: bool = True,
-    priors: Literal["em"] | Sequence[float] | None = None,
+    priors: EstimatedPriors | Sequence[float] | None = None,
     train_priors: Sequence[float] | None = None,
     versions: Mapping[str, str] | None = None,
 ) -> EnsembleSpec:
-    """Build a spec from members' out-of-fold logits: a temperature per member, then simplex weights.
+    """Build a spec from members' out-of-fold logits: a temperature per member, simplex weights, and the
+    calibration of the combined probabilities that priors="calibrated_em" needs.
 
     Args:
         member_logits: (N, 3) out-of-fold logits by member name, all for the same rows in the same order.
@@ -365,15 +414,17 @@ def fit_ensemble(
         except ValueError as exc:
             raise ValueError(f"member '{name}': {exc}") from None
     weights = fit_weights(logits, labels, mode, temperatures)
+    combined = combine(logits, weights, mode, temperatures)
     report = EnsembleReport(
         n_rows=len(labels),
         member_log_loss={name: log_loss(softmax(z / t), labels) for name, z, t in zip(names, logits, temperatures)},
-        ensemble_log_loss=log_loss(combine(logits, weights, mode, temperatures), labels),
+        ensemble_log_loss=log_loss(combined, labels),
     )
     members = [EnsembleMember(name=name, checkpoint=checkpoints[name], weight=float(w), temperature=t)
                for name, w, t in zip(names, weights, temperatures)]
     return EnsembleSpec(
         members=members, mode=mode, priors=priors,
+        prior_calibration=fit_prior_calibration(np.log(np.maximum(combined, np.finfo(np.float64).tiny)), labels),
         train_priors=tuple(train_priors) if train_priors is not None else tuple(class_frequencies(labels).tolist()),
         versions={"numpy": np.__version__, "scipy": scipy.__version__, **(versions or {})},
         report=report,

@@ -3,8 +3,8 @@
 Workers receive the config as a plain dict and rebuild everything they need. Rows arrive already
 tokenized (both A/B orders) from Ray Data; each epoch deals them out to the ranks in equal shares
 (`EpochShares`: one permutation per epoch, as DistributedSampler does), so every worker takes the same
-number of steps, and each rank logs the rows it trained on (app/rowlog.py). Optimizer steps go through a `Stepper` (app/engine.py): plain
-DDP, or a DeepSpeed ZeRO engine. `app.batching.micro_batches` cuts each window into micro-batches of
+number of steps, and each rank logs the rows it trained on (app/rowlog.py). Optimizer steps go through
+a `Stepper` (app/engine.py): plain DDP, or a DeepSpeed ZeRO engine. `app.batching.micro_batches` cuts each window into micro-batches of
 `train.batch_size` sequences: rows in a random A/B order (`train.swap_mode=random`) or each pair in both
 orders (`symmetric`). With `distill.teacher` the rows carry the teacher's probabilities, swapped with them,
 and the loss mixes in the distillation term (app/distillation.py).

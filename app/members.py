@@ -1,17 +1,18 @@
-"""Reading out-of-fold member folders (written by `app.crossval.run_cv`): pandas and json only.
+"""Reading out-of-fold member folders (written by `app.crossval.run_cv`): pandas and app/storage.py only.
 
 The folder format is documented in app/crossval.py. This module holds only the reading side, so that pure
-consumers of members (ensembles, distillation teachers) need neither Ray nor the training code.
+consumers of members (ensembles, distillation teachers) need neither Ray nor the training code. A member folder
+is a local path or a URI (s3://...), read through app/storage.py.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+
+from app import storage
 
 OOF_FORMAT = 1
 LOGIT_COLUMNS = ("logit_a", "logit_b", "logit_tie")
@@ -19,7 +20,7 @@ MEMBER_FILE = "member.json"  # what makes a folder a member
 
 
 def is_member_dir(directory: str) -> bool:
-    return os.path.exists(os.path.join(directory, MEMBER_FILE))
+    return storage.exists(storage.join(directory, MEMBER_FILE))
 
 
 @dataclass
@@ -42,17 +43,16 @@ class Member:
 
 def load_member(directory: str) -> Member:
     """Read a member folder written by `run_cv`."""
-    meta_path = os.path.join(directory, MEMBER_FILE)
-    if not os.path.exists(meta_path):
+    meta_path = storage.join(directory, MEMBER_FILE)
+    if not storage.exists(meta_path):
         raise FileNotFoundError(f"{directory} is not an out-of-fold member folder: it has no member.json "
                                 "(write one with `python -m jobs.cv`)")
-    with open(meta_path, encoding="utf-8") as handle:
-        meta = json.load(handle)
+    meta = storage.read_json(meta_path)
     if meta.get("format") != OOF_FORMAT:
         raise ValueError(f"{meta_path}: format {meta.get('format')}, this version reads format {OOF_FORMAT}")
-    oof = pd.read_parquet(os.path.join(directory, "oof.parquet"))
-    test_path = os.path.join(directory, "test.parquet")
-    test = pd.read_parquet(test_path) if os.path.exists(test_path) else None
+    oof = storage.read_parquet(storage.join(directory, "oof.parquet"))
+    test_path = storage.join(directory, "test.parquet")
+    test = storage.read_parquet(test_path) if storage.exists(test_path) else None
     return Member(meta["member"], directory, oof, test, meta)
 
 

@@ -5,11 +5,12 @@ The Serve app (`serve/app.py`) is a thin adapter over this module. An applicatio
 shift; `spec_for_checkpoint`). Each member scores pairs into logits (`MemberScorer`), and the ingress
 combines them with `app.ensemble.apply_spec_to_member_logits`, the function `jobs/predict.py` uses.
 
-Class priors "em" (estimated on the rows being predicted) need a whole test set: `/v1/predict/batch`
-estimates them over the whole uploaded file, as `jobs/predict.py` does, and `/v1/predict` refuses a
-request with 409 (`check_online_priors`): EM on the few pairs of one request would move the
-probabilities by an amount that depends on which pairs happen to share the request. As in `jobs/predict.py`,
-`predict.priors` (config or overrides) replaces the spec's priors.
+Class priors "em" and "calibrated_em" (estimated on the rows being predicted) need a whole test set:
+`/v1/predict/batch` estimates them over the whole uploaded file, as `jobs/predict.py` does, and says what was
+applied in its response headers (`prior_shift_headers`); `/v1/predict` refuses a request with 409
+(`check_online_priors`): EM on the few pairs of one request would move the probabilities by an amount that
+depends on which pairs happen to share the request. As in `jobs/predict.py`, `predict.priors` (config or
+overrides) replaces the spec's priors.
 
 Nothing here imports Ray or torch at import time (the ingress never loads torch); `MemberScorer` and the
 builders import the model code when they are called.
@@ -33,9 +34,11 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from app import storage
 from app.config import PredictConfig, load_config
 from app.data import LABEL_COLUMNS, SKIP_HINT, DataValidationError, load_pairs, parse_turns
-from app.ensemble import EnsembleMember, EnsembleReport, EnsembleSpec, combine, load_spec
+from app.ensemble import ESTIMATED_PRIORS, EnsembleMember, EnsembleReport, EnsembleSpec, combine, load_spec
+from app.priors import PriorShift
 
 CHARS_PER_TOKEN = 3  # English text averages about 4 characters per token; 3 over-counts most text
 MARKER_TOKENS_PER_TURN = 12  # "Prompt:", "Response A:", "Response B:" and specials, about
@@ -111,7 +114,8 @@ class ServeSettings(_Strict):
 class ServeArgs(_Strict):
     """The application: what to serve, its predict config, and the serving settings."""
 
-    model: str = Field(min_length=1, description="ensemble spec (.json, from jobs/ensemble.py) or checkpoint folder")
+    model: str = Field(min_length=1, description="ensemble spec (.json, from jobs/ensemble.py) or checkpoint folder, "
+                                                 "a local path or a URI (s3://...)")
     config: str | None = Field(None, description="YAML preset whose predict section applies (tta_swap, precision, ...)")
     overrides: tuple[str, ...] = Field((), description="section.key=value, e.g. predict.tta_swap=true")
     serving: ServeSettings = ServeSettings()
@@ -152,7 +156,8 @@ class ServingPlan:
 def spec_for_checkpoint(checkpoint: str) -> EnsembleSpec:
     """A one-member spec for a checkpoint: weight 1, temperature 1, no prior shift, so its probabilities are
     softmax(logits), what `app.prediction.score_rows` gives. It carries the checkpoint's training class shares
-    (arena.json `train_priors`, when it has them) for `predict.priors`, and its validation log loss as report.
+    and prior calibration (arena.json `train_priors` and `prior_calibration`, when it has them) for
+    `predict.priors`, and its validation log loss as report.
 
     Raises:
         FileNotFoundError / ValueError: not a checkpoint, or one without validation metrics in arena.json.
@@ -171,7 +176,7 @@ def spec_for_checkpoint(checkpoint: str) -> EnsembleSpec:
     return EnsembleSpec(
         members=(EnsembleMember(name=name, checkpoint=checkpoint, weight=1.0, temperature=1.0),), mode="prob",
         priors=None, train_priors=None if train_priors is None else tuple(train_priors),
-        versions=dict(meta.get("versions") or {}),
+        prior_calibration=meta.get("prior_calibration"), versions=dict(meta.get("versions") or {}),
         report=EnsembleReport(n_rows=int(metrics["valid_rows"]), member_log_loss={name: log_loss},
                               ensemble_log_loss=log_loss))
 
@@ -190,7 +195,7 @@ def build_serving_plan(raw: Mapping[str, Any] | ServeArgs) -> ServingPlan:
     spec = load_spec(args.model) if is_spec_path(args.model) else spec_for_checkpoint(args.model)
     spec = with_predict_options(spec, predict)
     for member in spec.members:
-        if "://" not in member.checkpoint and not os.path.isdir(member.checkpoint):
+        if not storage.is_dir(member.checkpoint):  # a local folder, or a URI each member replica downloads
             raise FileNotFoundError(f"member '{member.name}': checkpoint folder not found: {member.checkpoint}")
     return ServingPlan(spec, predict, args.serving)
 
@@ -358,10 +363,31 @@ def chunk_ranges(n_rows: int, rows_per_chunk: int) -> list[tuple[int, int]]:
 
 def check_online_priors(spec: EnsembleSpec) -> None:
     """/v1/predict refuses a spec whose priors are estimated by EM (see the module docstring)."""
-    if spec.priors == "em":
-        raise RequestError(409, 'this ensemble estimates class priors by EM over the rows it predicts ("priors": '
-                                '"em"), which needs a whole test set; post the file to /v1/predict/batch, or serve '
-                                "a spec with fixed priors or none")
+    if spec.priors in ESTIMATED_PRIORS:
+        raise RequestError(409, f'this ensemble estimates class priors by EM over the rows it predicts ("priors": '
+                                f'"{spec.priors}"), which needs a whole test set; post the file to /v1/predict/batch, '
+                                "or serve a spec with fixed priors or none")
+
+
+def prior_shift_headers(record: PriorShift | None) -> dict[str, str]:
+    """/v1/predict/batch response headers that say what the class-prior shift did: the method, the priors
+    applied ("none" when the output is unadjusted), and for EM the estimate, convergence, fallback and why."""
+    if record is None:
+        return {"X-Arena-Priors": "none"}
+    headers = {"X-Arena-Priors": record.method,
+               "X-Arena-Prior-Applied": _shares(record.applied_priors),
+               "X-Arena-Prior-Fallback": str(record.fallback).lower()}
+    if record.estimated_priors is not None:
+        headers.update({"X-Arena-Prior-Estimate": _shares(record.estimated_priors),
+                        "X-Arena-Prior-Converged": str(record.converged).lower(),
+                        "X-Arena-Prior-Iterations": str(record.n_iter)})
+    if record.reason:
+        headers["X-Arena-Prior-Reason"] = record.reason.encode("ascii", "replace").decode("ascii")
+    return headers
+
+
+def _shares(values: Sequence[float] | None) -> str:
+    return "none" if values is None else ",".join(f"{value:.6f}" for value in values)
 
 
 def check_api_key(expected: str | None, given: str | None) -> None:
@@ -627,7 +653,8 @@ def describe_service(spec: EnsembleSpec, predict: PredictConfig, settings: Serve
     return {
         "labels": list(LABEL_COLUMNS), "mode": spec.mode, "priors": _priors_label(spec),
         "train_priors": None if spec.train_priors is None else list(spec.train_priors),
-        "online_priors": "refused (use /v1/predict/batch)" if spec.priors == "em" else "applied per request",
+        "online_priors": ("refused (use /v1/predict/batch)" if spec.priors in ESTIMATED_PRIORS
+                          else "applied per request"),
         "tta_swap_default": predict.tta_swap, "precision": predict.precision,
         "batching": {"max_batch_requests": settings.max_batch_requests, "batch_tokens": settings.batch_tokens,
                      "batch_wait_timeout_s": settings.batch_wait_timeout_s},

@@ -17,12 +17,14 @@ Each trial's overrides go through `app.config.apply_overrides`, the function the
 its metrics reach Tune through Ray Train's TuneReportCallback (Train V2). Outputs in the sweep folder:
 results.csv (one row per trial: swept values, best valid_log_loss, epochs run, status), sweep.png (the
 metric against each swept key) and best.yaml (a preset: the base preset with the best trial's values).
-Trials show in the Ray dashboard; Tune writes TensorBoard event files under the sweep folder.
+Trials show in the Ray dashboard; Tune writes TensorBoard event files under the sweep folder. The sweep folder is
+a local path or a URI (s3://...) that every node reaches: Tune's records, the trials' runs (under trials/) and
+the outputs all go there.
 """
 
 from __future__ import annotations
 
-import os
+import io
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +33,7 @@ import pandas as pd
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from app import storage
 from app.config import Config, ConfigError, apply_overrides, config_to_dict, validate_config
 
 METRIC = "valid_log_loss"
@@ -64,10 +67,17 @@ class SweepSpec(BaseModel):
         return space
 
 
+# What a trial's own actor holds: it only drives a Ray Train run, whose workers hold the CPUs and GPUs. Not a
+# fraction of a CPU: on a cluster whose head has no CPUs (cluster.yaml), 0.01 CPU puts the trial on a worker node
+# and leaves that node 0.01 CPU short of a worker that asks for all of them, so the run never starts. A bundle
+# cannot be empty: a MiB of the memory resource, which every node has, the head too.
+TRIAL_DRIVER_RESOURCES = {"memory": 1 << 20}
+
+
 def load_sweep(path: str, base: Config) -> SweepSpec:
-    """Read and validate a sweep file; every swept key must be a config key and every value valid there."""
-    with open(path, encoding="utf-8") as handle:
-        raw = yaml.safe_load(handle) or {}
+    """Read and validate a sweep file (a local path or a URI); every swept key must be a config key and every
+    value valid there."""
+    raw = yaml.safe_load(storage.read_text(path)) or {}
     try:
         spec = SweepSpec.model_validate(raw)
     except ValueError as exc:
@@ -119,8 +129,8 @@ def run_sweep(base: Config, spec: SweepSpec, base_raw: dict[str, Any], directory
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    directory = os.path.abspath(directory)
-    trials_storage = os.path.join(directory, "trials")
+    directory = storage.absolute(directory)
+    trials_storage = storage.join(directory, "trials")
     if base.train.checkpoint_every_steps is not None:
         raise ConfigError("a sweep reports once per epoch to ASHA: unset train.checkpoint_every_steps")
     base_dict = apply_overrides(config_to_dict(base), {"run.storage_path": trials_storage})
@@ -130,8 +140,7 @@ def run_sweep(base: Config, spec: SweepSpec, base_raw: dict[str, Any], directory
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=base.train.epochs,
                                   grace_period=spec.asha.grace_period,
                                   reduction_factor=spec.asha.reduction_factor)
-    # The trial function only drives Ray Train; its workers hold the CPUs and GPUs (a bundle cannot be empty).
-    trainable = tune.with_resources(partial(run_trial, base=base_dict), {"CPU": 0.01})
+    trainable = tune.with_resources(partial(run_trial, base=base_dict), TRIAL_DRIVER_RESOURCES)
     # The same trials for the same seed; the generator itself bounds how many run at once.
     searcher = tune.search.BasicVariantGenerator(random_state=base.seed, max_concurrent=spec.max_concurrent_trials)
     tuner = tune.Tuner(
@@ -142,17 +151,16 @@ def run_sweep(base: Config, spec: SweepSpec, base_raw: dict[str, Any], directory
     )
     grid = tuner.fit()
     table = results_table(grid, list(spec.space), base.train.epochs)
-    table.to_csv(os.path.join(directory, "results.csv"), index=False)
-    plot = plot_sweep(table, list(spec.space), os.path.join(directory, "sweep.png"))
+    storage.write_csv(storage.join(directory, "results.csv"), table)
+    plot = plot_sweep(table, list(spec.space), storage.join(directory, "sweep.png"))
     completed = table.dropna(subset=[METRIC])
     if completed.empty:
         raise RuntimeError(f"no trial of the sweep in {directory} reported {METRIC}; see results.csv and the logs")
     best = completed.sort_values(METRIC).iloc[0]
     best_params = {key: _plain(best[key]) for key in spec.space}
-    best_preset = os.path.join(directory, "best.yaml")
-    with open(best_preset, "w", encoding="utf-8") as handle:
-        handle.write(f"# Best of {len(table)} trials ({METRIC} {best[METRIC]:.4f}), written by the sweep in {directory}\n")
-        yaml.safe_dump(apply_overrides(base_raw, best_params), handle, sort_keys=False)
+    best_preset = storage.join(directory, "best.yaml")
+    header = f"# Best of {len(table)} trials ({METRIC} {best[METRIC]:.4f}), written by the sweep in {directory}\n"
+    storage.write_text(best_preset, header + yaml.safe_dump(apply_overrides(base_raw, best_params), sort_keys=False))
     return SweepResult(directory, table, best_params, best_preset, plot)
 
 
@@ -171,12 +179,13 @@ def results_table(grid, keys: list[str], max_epochs: int) -> pd.DataFrame:
                      METRIC: float(losses.min()) if len(losses) else np.nan,
                      "epochs": int(len(losses)),
                      "status": "error" if result.error else ("stopped early" if len(losses) < max_epochs else "done"),
-                     "trial_dir": result.path})
+                     "trial_dir": storage.uri_of(result.filesystem, result.path)})
     return pd.DataFrame(rows)
 
 
 def plot_sweep(table: pd.DataFrame, keys: list[str], path: str) -> str:
-    """A PNG with the metric against each swept key (one panel per key)."""
+    """A PNG with the metric against each swept key (one panel per key), written to `path` (a local file or a
+    URI); returns `path`."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -193,7 +202,9 @@ def plot_sweep(table: pd.DataFrame, keys: list[str], path: str) -> str:
         axis.set_xlabel(key)
         axis.set_ylabel(METRIC)
     figure.suptitle("sweep (orange: stopped early or failed)")
-    figure.savefig(path, dpi=100)
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=100)
+    storage.write_bytes(path, image.getvalue())
     return path
 
 
@@ -203,8 +214,8 @@ def run_temperature_sweep(logits: np.ndarray, labels: np.ndarray, directory: str
     """Tune over temperature (log-uniform) and probability smoothing toward the label prior on saved logits.
 
     Each trial scores log loss of smooth(softmax(logits / T), alpha, prior) on the rows; the table (written
-    to <directory>/temperature.csv, best first) is the check on `app.calibration.fit_temperature`: the best
-    trial's temperature should agree with the fitted one.
+    to <directory>/temperature.csv, best first; `directory` a local path or a URI) is the check on
+    `app.calibration.fit_temperature`: the best trial's temperature should agree with the fitted one.
     """
     from ray import tune
 
@@ -226,12 +237,12 @@ def run_temperature_sweep(logits: np.ndarray, labels: np.ndarray, directory: str
         param_space={"temperature": tune.loguniform(*temperature_range), "smoothing": tune.choice(list(smoothing))},
         tune_config=tune.TuneConfig(metric="log_loss", mode="min", num_samples=num_samples,
                                     search_alg=tune.search.BasicVariantGenerator(random_state=seed)),
-        run_config=tune.RunConfig(name="temperature", storage_path=os.path.abspath(directory)),
+        run_config=tune.RunConfig(name="temperature", storage_path=storage.absolute(directory)),
     )
     grid = tuner.fit()
     table = pd.DataFrame([{**result.config, "log_loss": result.metrics.get("log_loss")} for result in grid])
     table = table.sort_values("log_loss").reset_index(drop=True)
-    table.to_csv(os.path.join(directory, "temperature.csv"), index=False)
+    storage.write_csv(storage.join(directory, "temperature.csv"), table)
     return table
 
 

@@ -2,7 +2,9 @@
 
     python -m jobs.predict --checkpoint runs/demo/checkpoint_... --input test.csv --output submission.csv predict.tta_swap=true
 
-When the input has label columns, log loss and accuracy are printed too.
+When the input has label columns, log loss and accuracy are printed too. With `predict.priors` the report says
+what the class-prior shift did (priors estimated, converged or not, fallback or not), and a run record
+(`<output stem>.record.json`) keeps it beside the submission.
 """
 
 from __future__ import annotations
@@ -28,8 +30,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"ray: {connect(args.address)}", flush=True)
     report = predict_file(args.checkpoint, args.input, args.output, config.predict,
                           on_bad_rows=config.data.on_bad_rows, rejects_path=config.data.rejects_path)
+    if report.prior_shift is not None:
+        print(f"priors: {report.prior_shift.summary()}", flush=True)
     print(json.dumps({"submission": report.output, "rows": report.rows, "seconds": round(report.seconds, 1),
-                      "rejected_rows": report.n_rejected, **report.metrics}, indent=2), flush=True)
+                      "rejected_rows": report.n_rejected, **report.metrics,
+                      "prior_shift": None if report.prior_shift is None else report.prior_shift.model_dump(mode="json"),
+                      "record": report.record}, indent=2), flush=True)
 
 
 if __name__ == "__main__":

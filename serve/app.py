@@ -28,7 +28,7 @@ from ray.serve.metrics import Counter
 from app import serving
 from app.config import PredictConfig
 from app.data import LABEL_COLUMNS
-from app.ensemble import EnsembleSpec, apply_spec_to_member_logits
+from app.ensemble import ESTIMATED_PRIORS, EnsembleSpec, apply_spec, apply_spec_to_member_logits
 
 logger = logging.getLogger("ray.serve")
 ERROR_RESPONSES = {code: {"model": serving.ErrorOut} for code in (401, 409, 413, 422, 500, 503)}
@@ -75,7 +75,8 @@ async def log_request(request: Request, call_next: Any) -> Any:
 
 @serve.deployment
 class Member:
-    """One ensemble member: its checkpoint loaded once per replica; calls batched by tokens and count."""
+    """One ensemble member: its checkpoint loaded once per replica (a URI is downloaded to the replica's node
+    first); calls batched by tokens and count."""
 
     def __init__(self, name: str, checkpoint: str, predict: PredictConfig, settings: serving.ServeSettings) -> None:
         self.scorer = serving.MemberScorer(name, checkpoint, predict, settings)
@@ -167,7 +168,8 @@ class Ingress:
               openapi_extra={"requestBody": {"required": True,
                                              "content": {"text/csv": {"schema": {"type": "string"}}}}})
     async def predict_file(self, request: Request, tta_swap: bool | None = None) -> StreamingResponse:
-        """A Kaggle test.csv in, submission.csv out (streamed in row order; "em" priors over the whole file)."""
+        """A Kaggle test.csv in, submission.csv out (streamed in row order; "em" / "calibrated_em" priors over the
+        whole file, what was applied in the X-Arena-Prior* headers)."""
         self._authorize(request)
         body = await read_body(request, self.settings.max_file_bytes)
         pairs = await asyncio.to_thread(serving.parse_test_file, body, self.settings)
@@ -182,26 +184,29 @@ class Ingress:
         ranges = serving.chunk_ranges(len(pairs), self.settings.file_chunk_rows)
         tasks = [asyncio.ensure_future(score(start, stop)) for start, stop in ranges]
         try:
-            if self.spec.priors == "em":  # EM needs every row's logits before any row's probabilities
+            if self.spec.priors in ESTIMATED_PRIORS:  # EM needs every row's logits before any row's probabilities
                 parts = await asyncio.gather(*tasks)
                 first = {name: np.concatenate([part[name] for part in parts]) for name in self.members}
                 tasks = []
             else:
                 first = await tasks.pop(0)  # a failure here still gets its status code
+            # the first chunk (every row under EM) decides the headers; fixed priors are the same for every chunk
+            first_probs, prior_shift = apply_spec(self.spec, first)
         except BaseException:
             for task in tasks:
                 task.cancel()
             raise
-        return StreamingResponse(self._submission(pairs, first, tasks), media_type="text/csv",
-                                 headers={"Content-Disposition": 'attachment; filename="submission.csv"'})
+        return StreamingResponse(self._submission(pairs, first_probs, tasks), media_type="text/csv",
+                                 headers={"Content-Disposition": 'attachment; filename="submission.csv"',
+                                          **serving.prior_shift_headers(prior_shift)})
 
-    async def _submission(self, pairs: serving.PairBatch, first: dict[str, np.ndarray],
+    async def _submission(self, pairs: serving.PairBatch, first_probs: np.ndarray,
                           rest: list[asyncio.Future]) -> AsyncIterator[str]:
         try:
             yield serving.SUBMISSION_HEADER
             start = 0
             for pending in [None, *rest]:  # rows in order; a failure past the first chunk cuts the stream short
-                probs = apply_spec_to_member_logits(self.spec, first if pending is None else await pending)
+                probs = first_probs if pending is None else apply_spec_to_member_logits(self.spec, await pending)
                 self._count(probs)
                 yield serving.submission_rows(pairs.ids[start : start + len(probs)], probs)
                 start += len(probs)

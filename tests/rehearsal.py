@@ -19,6 +19,7 @@ Everything is stopped by `Rehearsal.stop()` (a context manager), which leaves no
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shlex
@@ -26,6 +27,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,15 +81,24 @@ class Rehearsal:
     # ---- bring-up -------------------------------------------------------------------------------------------
     @classmethod
     def create(cls) -> Rehearsal:
+        """A rehearsal whose nodes are stopped however this process ends: normally, on an exception, at exit, or on
+        SIGTERM (turned into SystemExit, so that `finally` blocks and fixtures run)."""
         # Short: Ray's socket paths under the head's temporary folder have a length limit.
-        return cls(Path(tempfile.mkdtemp(prefix="arena-rh-", dir="/tmp")))
+        rehearsal = cls(Path(tempfile.mkdtemp(prefix="arena-rh-", dir="/tmp")))
+        atexit.register(rehearsal.stop)
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+            signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))
+        return rehearsal
 
     def start(self, head_env: dict[str, str] | None = None) -> Rehearsal:
         s3_port, head_port, dashboard_port, *head_ports = free_ports(3 + len(HEAD_PORT_FLAGS))
         self.token = os.urandom(32).hex()
-        self.env = self._node_env(s3_port)
-        self._start_s3(s3_port)
         self.head_address = f"127.0.0.1:{head_port}"
+        # Every node's processes name their cluster: a Ray process that looks for "the" cluster (Ray Train's
+        # placement-group cleaner does) would otherwise find every Ray on this machine, the test session's too.
+        self.env = self._node_env(s3_port) | {"RAY_ADDRESS": self.head_address}
+        self._start_s3(s3_port)
         self.dashboard = f"http://127.0.0.1:{dashboard_port}"
         home = self.root / "head-home"
         self._write_token(home)
@@ -254,6 +265,10 @@ class Rehearsal:
         self.s3_client().upload_file(str(local), BUCKET, key)
         return f"s3://{BUCKET}/{key}"
 
+    def upload_text(self, text: str, key: str) -> str:
+        self.s3_client().put_object(Bucket=BUCKET, Key=key, Body=text.encode("utf-8"))
+        return f"s3://{BUCKET}/{key}"
+
     def read(self, uri: str) -> bytes:
         bucket, key = uri.removeprefix("s3://").split("/", 1)
         return self.s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
@@ -278,7 +293,10 @@ class Rehearsal:
         return processes_in_sessions(sessions)
 
     def stop(self) -> list[str]:
-        """Stop every node, the head and S3; returns the processes that outlived it (empty when all went)."""
+        """Stop every node, the head and S3; returns the processes that outlived it (empty when all went). Stopping
+        twice is harmless."""
+        if not self.root.exists():
+            return []
         if self.s3 is not None and self.s3.poll() is None:
             self.resume_s3()
         sessions = {node.session for node in self.nodes.values()} | ({self.head.session} if self.head else set())

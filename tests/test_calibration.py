@@ -10,6 +10,7 @@ from app.calibration import (
     apply_vector_scaling,
     expected_calibration_error,
     fit_calibration,
+    fit_prior_calibration,
     fit_temperature,
     fit_vector_scaling,
     reliability_curve,
@@ -140,3 +141,60 @@ def test_calibration_modules_import_no_heavy_dependencies():
             "assert not heavy, heavy")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bias-corrected calibration for class-prior adaptation
+
+SWAP = [1, 0, 2]
+
+
+def biased_logits(n_rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Logits of an overconfident model with a tie bias, and labels drawn from the calibrated posteriors
+    softmax(logits / 2.5 + [0, 0, 0.8]) (A and B symmetric)."""
+    logits, rng = synthetic_logits(n_rows, seed, scale=4.0)
+    return logits, sample_labels(softmax(logits / 2.5 + np.array([0.0, 0.0, 0.8])), rng)
+
+
+def test_bcts_recovers_the_temperature_and_tie_bias_labels_were_drawn_with():
+    logits, labels = biased_logits(30_000, seed=10)
+    calibration = fit_prior_calibration(logits, labels, method="bcts")
+    assert calibration.weights[0] == pytest.approx(1 / 2.5, rel=0.05)
+    assert calibration.bias[2] - calibration.bias[0] == pytest.approx(0.8, abs=0.08)
+    assert calibration.log_loss_after < calibration.log_loss_before - 0.05
+    # a temperature alone cannot remove the tie bias
+    temperature_only = log_loss(apply_temperature(logits, fit_temperature(logits, labels)), labels)
+    assert calibration.log_loss_after < temperature_only - 0.005
+
+
+def test_prior_calibration_is_the_same_for_logits_and_their_log_probabilities():
+    logits, labels = biased_logits(5000, seed=11)
+    offsets = np.random.default_rng(0).normal(size=(len(logits), 1)) * 5  # a per-row shift softmax ignores
+    for method in ("bcts", "vector"):
+        calibration = fit_prior_calibration(logits, labels, method=method)
+        np.testing.assert_allclose(calibration.apply(logits + offsets), calibration.apply(logits), atol=1e-12)
+        np.testing.assert_allclose(fit_prior_calibration(logits + offsets, labels, method=method).weights,
+                                   calibration.weights, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["bcts", "vector"])
+def test_symmetric_prior_calibration_commutes_with_swapping_a_and_b(method):
+    logits, labels = biased_logits(4000, seed=12)
+    calibration = fit_prior_calibration(logits, labels, method=method)
+    assert calibration.weights[0] == calibration.weights[1] and calibration.bias[0] == calibration.bias[1]
+    assert calibration.source_priors[0] == calibration.source_priors[1]
+    np.testing.assert_allclose(calibration.apply(logits[:, SWAP]), calibration.apply(logits)[:, SWAP], atol=1e-12)
+    swapped = fit_prior_calibration(logits[:, SWAP], np.array(SWAP)[labels], method=method)
+    np.testing.assert_allclose(swapped.weights, calibration.weights, rtol=1e-5)
+    np.testing.assert_allclose(swapped.bias, calibration.bias, atol=1e-5)
+    asymmetric = fit_prior_calibration(logits, labels, method=method, symmetric=False)
+    assert asymmetric.bias[0] != asymmetric.bias[1] and asymmetric.log_loss_after <= calibration.log_loss_after
+
+
+def test_auto_takes_vector_scaling_only_where_it_helps():
+    logits, rng = synthetic_logits(20_000, seed=13, scale=3.0)
+    # A and B scaled alike, tie scaled apart: only vector scaling can fit it
+    labels = sample_labels(softmax(logits * np.array([0.3, 0.3, 0.9]) + np.array([0.0, 0.0, 0.5])), rng)
+    assert fit_prior_calibration(logits, labels).method == "vector"
+    logits, labels = biased_logits(20_000, seed=14)  # within bias-corrected temperature scaling
+    assert fit_prior_calibration(logits, labels).method == "bcts"

@@ -7,12 +7,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from app import storage
 from app.config import load_config
 from app.crossval import LOGIT_COLUMNS, build_ensemble, load_member, run_cv, score_spec_on_holdout
 from app.data import load_pairs
 from app.ensemble import EnsembleMember, EnsembleReport, EnsembleSpec, apply_spec_to_member_logits, load_spec, save_spec
 from app.inference import Predictor
 from app.prediction import predict_file
+from app.synthetic import write_builtin_dataset
 from app.training import load_training_rows, run_directory
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
@@ -100,3 +102,62 @@ def test_holdout_scores_from_saved_test_logits_match_predict(member, tmp_path):
     assert ensemble["holdout_log_loss"] == pytest.approx(report.metrics["log_loss"], abs=1e-5)
     assert table.loc["class shares of the training rows", "holdout_log_loss"] > 0
     assert len(table) == 4  # prior, member raw, member with its temperature, ensemble
+
+
+# --- every output on S3 (moto): a tfidf_xgb member, its ensemble, and predict from there ------------------------
+
+XGB = Path(__file__).resolve().parents[1] / "configs" / "tfidf-xgb.yaml"
+# One worker, small vocabularies and few shallow rounds: a fold takes a few seconds on 2 shared cores.
+XGB_QUICK = {"data.n_folds": 2, "scaling.num_workers": 1, "classical.word_max_features": 300,
+             "classical.char_max_features": 500, "classical.prompt_max_features": 50, "classical.max_depth": 3,
+             "classical.learning_rate": 0.2, "classical.num_boost_round": 30, "classical.early_stopping_rounds": 10,
+             "classical.report_every_rounds": 10}
+
+
+@pytest.fixture(scope="module")
+def s3_member(ray_session, s3, tmp_path_factory):
+    """A 2-fold tfidf_xgb member whose fold runs, checkpoints and member folder are all on S3."""
+    data = write_builtin_dataset(str(tmp_path_factory.mktemp("s3cv")), n_train=300, n_test=60, seed=0)
+    config = load_config(XGB, {"run.storage_path": s3(), "run.name": "xgb", "data.train_path": data["train"],
+                               **XGB_QUICK})
+    return config, run_cv(config, test_path=data["holdout"]), data
+
+
+def test_a_member_folder_on_s3_holds_what_a_local_one_does(s3_member):
+    config, member, _ = s3_member
+    assert member.directory == run_directory(config) and member.directory.startswith("s3://")
+    assert {"member.json", "oof.parquet", "test.parquet"} <= set(storage.list_dir(member.directory))
+    again = load_member(member.directory)
+    pd.testing.assert_frame_equal(again.oof, member.oof)
+    assert again.meta == member.meta and member.meta["oof_log_loss"] < 1.0
+    for fold in member.meta["folds"]:
+        assert fold["checkpoint"].startswith(f"{config.run.storage_path}/xgb-fold{fold['fold']}/")
+        arena = storage.read_json(storage.join(fold["checkpoint"], "arena.json"))  # rewritten on S3
+        assert arena["kind"] == "tfidf_xgb" and arena["prior_calibration"]["n_rows"] == fold["rows"]
+        timing = storage.read_json(f"{config.run.storage_path}/xgb-fold{fold['fold']}/timing.json")
+        assert timing["train_seconds"] == pytest.approx(fold["train_seconds"])
+
+
+def test_a_finished_s3_fold_run_is_reused_with_its_recorded_time(s3_member, s3):
+    config, member, _ = s3_member
+    rescored = run_cv(config, folds=[0], member_dir=s3())  # the fold run finished before: read back, not trained
+    (fold,) = rescored.meta["folds"]
+    assert fold["checkpoint"] == member.meta["folds"][0]["checkpoint"]
+    assert fold["train_seconds"] == pytest.approx(member.meta["folds"][0]["train_seconds"])
+
+
+def test_jobs_ensemble_on_s3_members_writes_its_spec_and_tables_to_s3(s3_member, s3):
+    from jobs import ensemble as ensemble_job
+
+    _, member, data = s3_member
+    out = s3()
+    ensemble_job.main(["--members", member.directory, "--out", out, "--holdout", data["holdout"]])
+    assert {"ensemble.json", "calibration.csv", "reliability_xgb.png", "holdout.csv"} <= set(storage.list_dir(out))
+    assert storage.read_bytes(storage.join(out, "reliability_xgb.png")).startswith(b"\x89PNG")
+    spec = load_spec(storage.join(out, "ensemble.json"))
+    assert [m.checkpoint for m in spec.members] == member.checkpoints()  # the fold checkpoints' s3:// URIs
+    assert spec.member_dirs == {"xgb": member.directory}
+    calibration = storage.read_csv(storage.join(out, "calibration.csv")).set_index("member")
+    assert calibration.loc["xgb", "log_loss_before"] == pytest.approx(member.meta["oof_log_loss"])
+    holdout = storage.read_csv(storage.join(out, "holdout.csv"))  # scored from the member's s3 test.parquet
+    assert len(holdout) == 4 and holdout["holdout_log_loss"].notna().all()

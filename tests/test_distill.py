@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
+from app import storage
 from app.batching import swap_soft_labels
 from app.config import ConfigError, load_config
 from app.distillation import (
@@ -168,6 +169,30 @@ def test_an_ensemble_teacher_combines_its_members_out_of_fold_logits(tmp_path):
     save_spec(spec.model_copy(update={"member_dirs": None}), tmp_path / "old.json")
     with pytest.raises(TeacherError, match=r"does not record its members' out-of-fold folders.*jobs.ensemble"):
         load_teacher(str(tmp_path / "old.json"))
+
+
+def test_a_member_folder_and_a_spec_on_s3_are_teachers_as_local_ones_are(tmp_path, s3):
+    """jobs/cv.py and jobs/ensemble.py with s3:// outputs: the teacher is read from there."""
+    rng = np.random.default_rng(1)
+    ids, labels = [f"r{i}" for i in range(6)], rng.integers(0, 3, 6)
+    logits = {name: rng.normal(0, 1.5, (6, 3)) for name in ("a", "b")}
+    root = s3()
+    directories = {name: storage.join(root, name) for name in logits}
+    for name, member_logits in logits.items():
+        storage.upload_dir(write_member(tmp_path / name, name, ids, labels, member_logits), directories[name])
+    teacher = load_teacher(directories["a"])
+    assert teacher.source == directories["a"] and teacher.labels.tolist() == labels.tolist()
+    np.testing.assert_allclose(teacher.probs_for(ids), softmax(logits["a"]), rtol=1e-9)
+
+    fold_models = [EnsembleMember(name=f"{name}/fold{k}", checkpoint=f"{directories[name]}-fold{k}", weight=0.25,
+                                  temperature=1.2) for name in logits for k in (0, 1)]
+    report = EnsembleReport(n_rows=6, member_log_loss={m.name: 1.0 for m in fold_models}, ensemble_log_loss=1.0)
+    spec = EnsembleSpec(members=tuple(fold_models), mode="prob", member_dirs=directories, report=report)
+    teacher = load_teacher(save_spec(spec, storage.join(root, "ensemble", "ensemble.json")))
+    np.testing.assert_allclose(teacher.probs_for(ids), combine(list(logits.values()), [0.5, 0.5], "prob", [1.2, 1.2]),
+                               rtol=1e-9)
+    with pytest.raises(TeacherError, match=r"neither a member folder .* nor an ensemble spec"):
+        load_teacher(storage.join(root, "missing"))
 
 
 def test_a_teacher_path_that_is_neither_a_member_nor_a_spec_is_refused(tmp_path):

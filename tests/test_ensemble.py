@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 
+from app import storage
 from app.ensemble import (
     EnsembleSpec,
     EnsembleSpecError,
@@ -98,14 +99,21 @@ def test_fit_ensemble_builds_a_spec_that_reports_an_ensemble_no_worse_than_its_b
     assert log_loss(probs, labels) == pytest.approx(spec.report.ensemble_log_loss)
 
 
-def test_spec_round_trips_exactly(tmp_path):
+@pytest.fixture(params=["local", "s3"])
+def folder(request, tmp_path):
+    return str(tmp_path) if request.param == "local" else request.getfixturevalue("s3")()
+
+
+def test_spec_round_trips_exactly(folder):
     spec, _, _ = fitted_spec(priors=[0.49, 0.48, 0.03])
-    path = save_spec(spec, tmp_path / "ensemble" / "spec.json")
+    path = save_spec(spec, storage.join(folder, "ensemble", "spec.json"))
     loaded = load_spec(path)
     assert loaded == spec
     assert [m.weight for m in loaded.members] == [m.weight for m in spec.members]  # bit-exact floats
     assert loaded.created_at == spec.created_at and loaded.created_at.tzinfo is not None
-    assert save_spec(loaded, tmp_path / "again.json").read_text() == path.read_text()
+    assert storage.read_text(save_spec(loaded, storage.join(folder, "again.json"))) == storage.read_text(path)
+    with pytest.raises(EnsembleSpecError, match=f"ensemble spec not found: {storage.join(folder, 'missing.json')}"):
+        load_spec(storage.join(folder, "missing.json"))
 
 
 def test_apply_spec_shifts_class_priors_as_configured():

@@ -51,8 +51,8 @@ def cluster(tmp_path_factory):
 def data(cluster, tmp_path_factory):
     """The built-in rows on S3: (train URI, test URI, the ids of the rows jobs.train trains on)."""
     files = write_builtin_dataset(str(tmp_path_factory.mktemp("data")), n_train=ROWS, n_test=60, seed=0)
-    return (cluster.upload(Path(files["train"]), "data/train.csv"), cluster.upload(Path(files["test"]), "data/test.csv"),
-            training_ids(files["train"]))
+    train = cluster.upload(Path(files["train"]), "data/train.csv")
+    return train, cluster.upload(Path(files["test"]), "data/test.csv"), training_ids(files["train"])
 
 
 def training_ids(path: str, **overrides: str) -> list[str]:

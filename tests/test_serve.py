@@ -1,8 +1,9 @@
 """The real Serve app on the shared local Ray, called over HTTP on 127.0.0.1.
 
-Two applications run side by side: "ens", a 2-member ensemble (the packaged MiniLM and a tiny random
-Llama, a few optimizer steps each) with fixed class priors, small limits and fault injection on; and "em", a
-one-member spec whose priors are estimated by EM, behind an API key. Both predict in fp32, as the batch
+Three applications run side by side: "ens", a 2-member ensemble (the packaged MiniLM and a tiny random
+Llama, a few optimizer steps each) with fixed class priors, small limits and fault injection on; "em", a
+one-member spec whose priors are estimated by EM, behind an API key; and "s3", a spec on S3 (moto) whose one
+member is the Llama checkpoint uploaded there, which each replica downloads. Both predict in fp32, as the batch
 predictions they are compared with, so batch composition cannot move a probability by more than round-off.
 """
 
@@ -19,9 +20,11 @@ import pytest
 import requests
 from modeling_helpers import build, tiny_config, train_steps
 
+from app import storage
 from app.config import PACKAGED_MINILM, PredictConfig
 from app.data import LABEL_COLUMNS, load_pairs
-from app.ensemble import EnsembleMember, EnsembleReport, EnsembleSpec, apply_spec_to_member_logits, save_spec
+from app.ensemble import (
+    EnsembleMember, EnsembleReport, EnsembleSpec, apply_spec, apply_spec_to_member_logits, save_spec)
 from app.inference import Predictor
 from app.modeling import save_checkpoint
 from app.prediction import predict_file
@@ -48,14 +51,19 @@ EM_SETTINGS = {"api_key": API_KEY,
                "ingress": {"num_replicas": 1, "max_ongoing_requests": 32, "max_queued_requests": 64,
                            "ray_actor_options": {"num_cpus": 0.1}}}
 
+S3_SETTINGS = {"member": {"num_replicas": 1, "max_ongoing_requests": 32, "max_queued_requests": 64,
+                          "ray_actor_options": {"num_cpus": 0.25}},
+               "ingress": {"num_replicas": 1, "max_ongoing_requests": 32, "max_queued_requests": 64,
+                           "ray_actor_options": {"num_cpus": 0.1}}}
+
 
 def report(*names: str) -> EnsembleReport:
     return EnsembleReport(n_rows=6, member_log_loss=dict.fromkeys(names, 1.05), ensemble_log_loss=1.0)
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """Two small trained checkpoints of different families and tokenizers, and the two specs over them."""
+def checkpoints(tmp_path_factory, s3):
+    """Two small trained checkpoints of different families and tokenizers, and the specs over them (one on S3)."""
     root = tmp_path_factory.mktemp("serve")
     paths = {}
     families = (("minilm", "encoder", PACKAGED_MINILM, 0), ("llama", "decoder", "random:llama-tiny", 1))
@@ -72,8 +80,13 @@ def checkpoints(tmp_path_factory):
         mode="prob", priors=(0.4, 0.4, 0.2), train_priors=(0.35, 0.35, 0.3), report=report("minilm", "llama"))
     em = EnsembleSpec(members=(EnsembleMember(name="minilm", checkpoint=paths["minilm"], weight=1.0, temperature=1.1),),
                       mode="logit", priors="em", train_priors=(0.45, 0.45, 0.1), report=report("minilm"))
+    remote = s3()
+    storage.upload_dir(paths["llama"], storage.join(remote, "llama"))
+    on_s3 = EnsembleSpec(members=(EnsembleMember(name="llama", checkpoint=storage.join(remote, "llama"), weight=1.0,
+                                                 temperature=1.0),), mode="prob", report=report("llama"))
     return {"paths": paths, "ensemble": (ensemble, str(save_spec(ensemble, root / "ensemble.json"))),
-            "em": (em, str(save_spec(em, root / "em.json"))), "root": root}
+            "em": (em, str(save_spec(em, root / "em.json"))),
+            "s3": (on_s3, save_spec(on_s3, storage.join(remote, "ensemble.json"))), "root": root}
 
 
 def free_port() -> int:
@@ -84,7 +97,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served(ray_session, checkpoints):
-    """Both applications on one Serve HTTP proxy at 127.0.0.1:<free port>; Serve (not Ray) shut down after."""
+    """The applications on one Serve HTTP proxy at 127.0.0.1:<free port>; Serve (not Ray) shut down after."""
     from ray import serve
 
     from serve.app import build_app
@@ -94,10 +107,13 @@ def served(ray_session, checkpoints):
     overrides = ["predict.precision=fp32"]
     ensemble = build_app({"model": checkpoints["ensemble"][1], "overrides": overrides, "serving": ENSEMBLE_SETTINGS})
     em = build_app({"model": checkpoints["em"][1], "overrides": overrides, "serving": EM_SETTINGS})
+    on_s3 = build_app({"model": checkpoints["s3"][1], "overrides": overrides, "serving": S3_SETTINGS})
     try:
         serve.run_many([serve.RunTarget(target=ensemble, name="ens", route_prefix="/ens"),
-                        serve.RunTarget(target=em, name="em", route_prefix="/em")])
-        yield {"ens": f"http://127.0.0.1:{port}/ens", "em": f"http://127.0.0.1:{port}/em", "port": port}
+                        serve.RunTarget(target=em, name="em", route_prefix="/em"),
+                        serve.RunTarget(target=on_s3, name="s3", route_prefix="/s3")])
+        yield {"ens": f"http://127.0.0.1:{port}/ens", "em": f"http://127.0.0.1:{port}/em",
+               "s3": f"http://127.0.0.1:{port}/s3", "port": port}
     finally:
         serve.shutdown()
 
@@ -154,6 +170,8 @@ def test_predict_and_batch_equal_what_jobs_predict_writes(served, checkpoints, r
 
     streamed = post(f"{served['ens']}/v1/predict/batch", data=path.read_bytes(), headers={"Content-Type": "text/csv"})
     assert streamed.status_code == 200 and streamed.headers["content-type"].startswith("text/csv")
+    assert (streamed.headers["X-Arena-Priors"], streamed.headers["X-Arena-Prior-Applied"]) == (
+        "fixed", "0.400000,0.400000,0.200000")
     assert streamed.text.splitlines()[0] == output.read_text().splitlines()[0]
     submission = pd.read_csv(io.StringIO(streamed.text), dtype={"id": str})
     assert list(submission["id"]) == list(expected["id"])
@@ -226,6 +244,25 @@ def test_em_priors_apply_over_a_whole_file_and_are_refused_per_request(served, c
     np.testing.assert_allclose(submission[list(LABEL_COLUMNS)].to_numpy(), expected, atol=1e-5)
     unshifted = apply_spec_to_member_logits(spec.model_copy(update={"priors": None}), logits)
     assert np.abs(expected - unshifted).max() > 1e-3  # EM did move the probabilities
+    # the headers say what was applied: the estimate over the whole file, whether EM converged, no fallback
+    record = apply_spec(spec, logits)[1]
+    assert streamed.headers["X-Arena-Priors"] == "em" and streamed.headers["X-Arena-Prior-Fallback"] == "false"
+    assert streamed.headers["X-Arena-Prior-Estimate"] == ",".join(f"{p:.6f}" for p in record.estimated_priors)
+    assert streamed.headers["X-Arena-Prior-Converged"] == str(record.converged).lower()
+
+
+def test_a_spec_on_s3_is_served_from_checkpoints_downloaded_there(served, checkpoints, rows_file):
+    frame, _ = rows_file
+    pairs = as_pairs(frame.iloc[:6])
+    response = post(f"{served['s3']}/v1/predict", json={"pairs": pairs})
+    assert response.status_code == 200, response.text
+    texts = tuple([[turn or "" for turn in p[column]] for p in pairs]
+                  for column in ("prompt", "response_a", "response_b"))
+    expected = Predictor(checkpoints["paths"]["llama"], precision="fp32").predict(*texts)  # the local original
+    np.testing.assert_allclose(probabilities(response.json()["predictions"]), expected, atol=1e-5)
+    (member,) = requests.get(f"{served['s3']}/v1/models", timeout=30).json()["members"]
+    assert member["checkpoint"] == checkpoints["s3"][0].members[0].checkpoint
+    assert member["checkpoint"].startswith("s3://")
 
 
 def test_api_key_is_required_on_the_api_but_not_on_probes(served, rows_file):

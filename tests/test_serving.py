@@ -12,9 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from app import storage
 from app.config import PredictConfig
 from app.data import LABEL_COLUMNS, load_pairs, write_submission
-from app.ensemble import EnsembleMember, EnsembleReport, EnsembleSpec
+from app.ensemble import EnsembleMember, EnsembleReport, EnsembleSpec, save_spec
 from app.serving import (
     FAULT_PROMPT,
     MARKER_TOKENS_PER_TURN,
@@ -256,6 +257,22 @@ def test_a_checkpoint_is_served_as_a_one_member_spec(tmp_path):
         spec_for_checkpoint(fake_checkpoint(tmp_path / "bare", {}))
     with pytest.raises(FileNotFoundError, match="checkpoint folder not found"):
         build_serving_plan({"model": str(tmp_path / "missing")})
+
+
+def test_a_spec_and_its_checkpoints_on_s3_make_a_serving_plan(tmp_path, s3):
+    root = s3()
+    checkpoint = storage.join(root, "epoch_001")
+    local = fake_checkpoint(tmp_path / "epoch_001", {"valid_log_loss": 0.95, "valid_rows": 400.0})
+    storage.upload_dir(local, checkpoint)
+    plan = build_serving_plan({"model": checkpoint})  # its arena.json is read from a download
+    (member,) = plan.spec.members
+    assert (member.name, member.checkpoint, plan.spec.report.n_rows) == ("epoch_001", checkpoint, 400)
+    spec_path = save_spec(plan.spec, storage.join(root, "ensemble.json"))
+    assert build_serving_plan({"model": spec_path}).spec == plan.spec
+    missing = member.model_copy(update={"checkpoint": storage.join(root, "epoch_009")})
+    save_spec(plan.spec.model_copy(update={"members": (missing,)}), spec_path)
+    with pytest.raises(FileNotFoundError, match=f"member 'epoch_001': checkpoint folder not found: {root}/epoch_009"):
+        build_serving_plan({"model": spec_path})
 
 
 def test_member_deployment_names_are_unique_and_valid():

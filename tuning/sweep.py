@@ -3,6 +3,7 @@
     python -m tuning.sweep --config configs/tiny-llama-lora.yaml --space configs/sweeps/lora.yaml --out runs/sweep
 
 Writes <out>/results.csv, <out>/sweep.png and <out>/best.yaml (a preset); TensorBoard: tensorboard --logdir <out>.
+<out> is a local folder or a URI (s3://...) that every node of the cluster reaches.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="base preset (only what differs from the defaults)")
     parser.add_argument("--space", required=True, help="sweep file: search space and trial settings (YAML)")
-    parser.add_argument("--out", required=True, help="sweep folder")
+    parser.add_argument("--out", required=True, help="sweep folder: a local path or a URI (s3://...)")
     parser.add_argument("--address", help="Ray cluster address; default $RAY_ADDRESS or a local Ray")
     parser.add_argument("overrides", nargs="*", help="section.key=value, applied to the base preset")
     args = parser.parse_args(argv)

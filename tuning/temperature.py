@@ -1,16 +1,18 @@
 """Tune temperature and probability smoothing on a member's saved out-of-fold logits, next to the fitted value.
 
     python -m tuning.temperature --member runs/minilm --out runs/minilm/temperature
+
+--member and --out are local folders or URIs (s3://...).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 
+from app import storage
 from app.calibration import fit_temperature
 from app.cluster import connect
-from app.crossval import load_member
+from app.members import load_member
 from app.sweep import run_temperature_sweep
 
 
@@ -23,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     member = load_member(args.member)
     labels = member.oof["label"].to_numpy()
-    os.makedirs(args.out, exist_ok=True)
+    storage.make_dirs(args.out)
     print(f"ray: {connect(args.address)}", flush=True)
     table = run_temperature_sweep(member.oof_logits, labels, args.out, args.samples)
     print(table.head(10).to_string(index=False), flush=True)
