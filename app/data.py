@@ -140,8 +140,10 @@ def _decode_turns(text: object, column: str) -> list[str]:
         raise _CellError(f"cell is a {type(text).__name__}, expected a JSON list of strings", column)
     try:
         turns = json.loads(text)
-    except json.JSONDecodeError as error:
+    except ValueError as error:  # JSONDecodeError, or an integer past Python's digit limit
         raise _CellError(f"not a JSON list of strings ({error})", column) from None
+    except RecursionError:
+        raise _CellError("not a JSON list of strings (nested too deeply)", column) from None
     if not isinstance(turns, list):
         raise _CellError(f"not a JSON list of strings (got a JSON {type(turns).__name__})", column)
     decoded = []

@@ -47,6 +47,8 @@ PAIR_KEYS = ("id", "prompt", "response_a", "response_b")
 TEXT_KEYS = PAIR_KEYS[1:]
 OPTION_KEYS = ("tta_swap", "return_members")
 SUBMISSION_HEADER = ",".join(("id", *LABEL_COLUMNS)) + "\n"
+MAX_INT_DIGITS = 4300  # Python's default int() digit limit (sys.get_int_max_str_digits)
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _JSON_KINDS = {dict: "object", list: "array", int: "number", float: "number", bool: "boolean", str: "string"}
 
 
@@ -292,9 +294,31 @@ def _parse_pair(value: object, path: str) -> tuple[str | None, list[str], list[s
     row_id = value.get("id")
     if row_id is not None and (isinstance(row_id, bool) or not isinstance(row_id, (str, int))):
         raise RequestError(422, f"must be a string, an integer or null, got a JSON {_kind(row_id)}", _join(path, "id"))
+    if isinstance(row_id, str) and _SURROGATE.search(row_id):  # it is echoed back, and UTF-8 cannot carry it
+        raise RequestError(422, "holds a lone surrogate (an unpaired \\ud800-\\udfff escape); send valid Unicode",
+                           _join(path, "id"))
     row = where if row_id is None else str(row_id)
     texts = [_parse_text(value[key], _join(path, key), row, key) for key in TEXT_KEYS]
     return (None if row_id is None else str(row_id)), *texts
+
+
+def _unique_keys(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads' object_pairs_hook: a key given twice is refused (parsers differ on which one wins)."""
+    data = dict(items)
+    if len(data) < len(items):
+        seen: set[str] = set()
+        key = next(key for key, _ in items if key in seen or seen.add(key))
+        raise RequestError(422, f'duplicate key "{key}"; give each key of a JSON object once', "(body)")
+    return data
+
+
+def _parse_int(digits: str) -> int:
+    """json.loads' parse_int: a 422 past Python's digit limit for int() (a ValueError that is not a
+    JSONDecodeError)."""
+    if len(digits) > MAX_INT_DIGITS:
+        raise RequestError(422, f"a number of {len(digits)} digits; numbers here have at most {MAX_INT_DIGITS} digits",
+                           "(body)")
+    return int(digits)
 
 
 def _parse_flag(data: Mapping[str, object], key: str) -> bool | None:
@@ -314,9 +338,11 @@ def parse_predict_request(body: bytes, settings: ServeSettings) -> PredictReques
     """
     check_size(len(body), settings.max_body_bytes, "the body's size in bytes")
     try:
-        data = json.loads(body)
+        data = json.loads(body, object_pairs_hook=_unique_keys, parse_int=_parse_int)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RequestError(422, f"the body is not valid JSON ({exc})", "(body)") from None
+    except RecursionError:
+        raise RequestError(422, "the body is nested too deeply (a request nests 4 levels at most)", "(body)") from None
     if not isinstance(data, dict):
         raise RequestError(422, 'the body must be a JSON object: one pair, or {"pairs": [...]}', "(body)")
     if "pairs" in data:

@@ -18,8 +18,10 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray.serve import Application
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
@@ -59,6 +61,22 @@ async def read_body(request: Request, limit: int) -> bytes:
 async def request_error(request: Request, exc: serving.RequestError) -> JSONResponse:
     headers = {"Retry-After": "1"} if exc.status == 503 else None
     return JSONResponse(exc.to_json(), status_code=exc.status, headers=headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def parameter_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's own validation (the query parameters), in the ErrorOut shape."""
+    error = exc.errors()[0]
+    where = serving.json_path([part for part in error["loc"] if part not in ("query", "body")])
+    return await request_error(request, serving.RequestError(422, error["msg"], where))
+
+
+@api.exception_handler(StarletteHTTPException)
+async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Starlette's 404 and 405, in the ErrorOut shape."""
+    response = await request_error(request, serving.RequestError(exc.status_code, str(exc.detail)))
+    response.headers.update(exc.headers or {})
+    return response
 
 
 @api.middleware("http")
@@ -164,7 +182,8 @@ class Ingress:
         self._count(probs)
         return JSONResponse(serving.build_predict_response(self.spec, parsed, member_logits, probs, tta_swap))
 
-    @api.post("/v1/predict/batch", responses=ERROR_RESPONSES,
+    @api.post("/v1/predict/batch", response_class=StreamingResponse,
+              responses={200: {"content": {"text/csv": {"schema": {"type": "string"}}}}, **ERROR_RESPONSES},
               openapi_extra={"requestBody": {"required": True,
                                              "content": {"text/csv": {"schema": {"type": "string"}}}}})
     async def predict_file(self, request: Request, tta_swap: bool | None = None) -> StreamingResponse:
