@@ -213,8 +213,7 @@ def test_sweep_into_s3(cluster, data):  # noqa: F811 - fixtures
 
 def test_serve_loads_the_s3_spec(cluster, tmp_path):  # noqa: F811 - fixtures
     """The Serve app (serve/config.yaml: proxy on the head only) deployed with `serve deploy` on the s3:// spec."""
-    if "spec" not in MADE:
-        pytest.skip("needs the spec of test_cv_and_ensemble_on_s3_member_folders")
+    assert "spec" in MADE, "no s3:// spec: test_cv_and_ensemble_on_s3_member_folders failed or did not run first"
     record("serve", serve_spec(cluster, MADE["spec"], tmp_path))
 
 
