@@ -63,15 +63,20 @@ def training_ids(path: str, **overrides: str) -> list[str]:
 
 
 def wait_for_checkpoint(cluster: Rehearsal, prefix: str, job, log: Path, timeout: float = 600) -> str:
-    """The first mid-epoch checkpoint folder to appear under s3://arena/<prefix>."""
+    """The first mid-epoch checkpoint Ray Train has registered under s3://arena/<prefix>: the one a restart resumes
+    from. A checkpoint's files on S3 are not enough: they are complete before the controller has gathered every
+    rank's report, and a node lost in between restarts the run from scratch (seen in CI). The controller's
+    checkpoint_manager_snapshot.json, written after each registration, is what a restarted run reads."""
+    snapshot = f"s3://{BUCKET}/{prefix}checkpoint_manager_snapshot.json"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert job.poll() is None, f"the job ended before a checkpoint:\n{log.read_text()[-4000:]}"
-        for key in cluster.keys(prefix):
-            if "_step_" in key and key.endswith("train_state.pt"):
-                return key.rsplit("/", 1)[0]
+        if f"{prefix}checkpoint_manager_snapshot.json" in cluster.keys(prefix):
+            latest = json.loads(cluster.read(snapshot)).get("latest_checkpoint_result") or {}
+            if "_step_" in (name := latest.get("checkpoint_dir_name") or ""):
+                return f"{prefix}{name}"
         time.sleep(0.5)
-    raise AssertionError(f"no mid-epoch checkpoint under {prefix} in {timeout} s")
+    raise AssertionError(f"no mid-epoch checkpoint registered under {prefix} in {timeout} s")
 
 
 def test_ddp_across_nodes_survives_a_node_loss_and_predicts_from_s3(cluster, data, tmp_path):
@@ -85,7 +90,7 @@ def test_ddp_across_nodes_survives_a_node_loss_and_predicts_from_s3(cluster, dat
     cluster.add_node("worker-3", wait=False)  # the replacement the autoscaler would start
     assert job.wait(timeout=900) == 0, log.read_text()[-6000:]
     output = log.read_text()
-    assert "resumed at epoch 0 step" in output, output[-4000:]
+    assert f"resumed at epoch 0 step {int(checkpoint.rsplit('_', 1)[1])}" in output, (killed, output[-4000:])
     cluster.wait_for_cpus(4)
 
     # Every later step finds what it needs from URIs alone.
