@@ -97,6 +97,10 @@ class ServeSettings(_Strict):
     api_key: str | None = Field(None, min_length=1, description="when set (or api_key_env is), /v1/* needs X-API-Key")
     api_key_env: str = Field("ARENA_SERVE_API_KEY", description="environment variable read when api_key is unset")
     ready_timeout_s: float = Field(2.0, gt=0.0, description="/readyz: how long each member has to answer")
+    member_timeout_s: float = Field(
+        45.0, gt=0.0, description="how long the ingress waits for a member's logits, queued and retried included; "
+                                  "then 503. Keep it below http_options.request_timeout_s (the proxy's 408)")
+    member_retry_after_s: int = Field(5, ge=1, description="Retry-After of a 503 for a member without a live replica")
     fault_injection: bool = Field(False, description="tests only: a member raises on a pair with prompt FAULT_PROMPT")
     member: DeploymentOptions = DeploymentOptions(
         autoscaling_config={"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 32},
@@ -212,11 +216,15 @@ def member_deployment_name(index: int, name: str) -> str:
 
 
 class RequestError(Exception):
-    """A request the app refuses or could not serve: HTTP status, a message, and the JSON path at fault."""
+    """A request the app refuses or could not serve: HTTP status, a message, and the JSON path at fault. A 503
+    says in `retry_after_s` when to try again (its Retry-After header)."""
 
-    def __init__(self, status: int, message: str, path: str | None = None) -> None:
+    def __init__(self, status: int, message: str, path: str | None = None, retry_after_s: int = 1) -> None:
         super().__init__(f"{path}: {message}" if path else message)
-        self.status, self.message, self.path = status, message, path
+        self.status, self.message, self.path, self.retry_after_s = status, message, path, retry_after_s
+
+    def headers(self) -> dict[str, str] | None:
+        return {"Retry-After": str(self.retry_after_s)} if self.status == 503 else None
 
     def to_json(self) -> dict[str, Any]:
         return {"error": {"status": self.status, "message": self.message, "path": self.path}}

@@ -22,8 +22,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from ray.exceptions import RayActorError
 from ray.serve import Application
-from ray.serve.exceptions import BackPressureError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter
 
@@ -34,6 +35,8 @@ from app.ensemble import ESTIMATED_PRIORS, EnsembleSpec, apply_spec, apply_spec_
 
 logger = logging.getLogger("ray.serve")
 ERROR_RESPONSES = {code: {"model": serving.ErrorOut} for code in (401, 409, 413, 422, 500, 503)}
+# A member call that ended with its replica (the actor died, its node went) or found the deployment without one.
+REPLICA_LOST = (RayActorError, DeploymentUnavailableError, ReplicaUnavailableError)
 api = FastAPI(title="arena-prefs", version="1",
               description="Probabilities that a person prefers response A, response B, or neither (tie).")
 
@@ -59,8 +62,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 @api.exception_handler(serving.RequestError)
 async def request_error(request: Request, exc: serving.RequestError) -> JSONResponse:
-    headers = {"Retry-After": "1"} if exc.status == 503 else None
-    return JSONResponse(exc.to_json(), status_code=exc.status, headers=headers)
+    return JSONResponse(exc.to_json(), status_code=exc.status, headers=exc.headers())
 
 
 @api.exception_handler(RequestValidationError)
@@ -151,16 +153,45 @@ class Ingress:
 
     async def _member_logits(self, pairs: serving.PairBatch, tta_swap: bool) -> dict[str, np.ndarray]:
         names = list(self.members)
-        results = await asyncio.gather(*(self.members[name].score.remote(pairs, tta_swap) for name in names),
+        results = await asyncio.gather(*(self._call(name, "score", pairs, tta_swap) for name in names),
                                        return_exceptions=True)
-        for name, result in zip(names, results):
-            if isinstance(result, BackPressureError):
-                raise serving.RequestError(503, f"member '{name}' is at capacity (its queue is full); retry later")
+        for result in results:
             if isinstance(result, BaseException):
-                cause = getattr(result, "cause", None) or result
-                logger.error(f"member '{name}' failed: {type(cause).__name__}: {cause}")
-                raise serving.RequestError(500, f"member '{name}' failed: {type(cause).__name__}: {cause}")
+                raise result
         return dict(zip(names, results))
+
+    async def _call(self, name: str, method: str, *args: Any) -> Any:
+        """Member `name`'s `method(*args)` within `member_timeout_s`, or a RequestError: 503 when the member has no
+        live replica that answers in time or its queue is full, 500 when the member itself fails.
+
+        A call cut short by the end of its replica (its node lost) is sent once more: a member's methods are
+        idempotent, and Serve routes the retry to another replica, or holds it until the replacement is up.
+        """
+        timeout_s, retry_after_s = self.settings.member_timeout_s, self.settings.member_retry_after_s
+        deadline = time.monotonic() + timeout_s
+        lost: BaseException | None = None
+        for attempt in range(2):
+            response = getattr(self.members[name], method).remote(*args)
+            try:
+                return await asyncio.wait_for(response, max(deadline - time.monotonic(), 0.0))
+            except TimeoutError:
+                response.cancel()
+                why = f"its replica went ({type(lost).__name__}) and none" if lost else "no replica"
+                raise serving.RequestError(503, f"member '{name}': {why} answered within {timeout_s:g} s; retry "
+                                                "later", retry_after_s=retry_after_s) from None
+            except BackPressureError:
+                raise serving.RequestError(503, f"member '{name}' is at capacity (its queue is full); retry "
+                                                "later") from None
+            except REPLICA_LOST as error:
+                lost = error
+                logger.warning(f"member '{name}': its replica is gone ({type(error).__name__}), "
+                               f"{'sending the call again' if attempt == 0 else 'giving up'}")
+            except Exception as error:  # the member's own failure (a RayTaskError carrying its exception)
+                cause = getattr(error, "cause", None) or error
+                logger.error(f"member '{name}' failed: {type(cause).__name__}: {cause}")
+                raise serving.RequestError(500, f"member '{name}' failed: {type(cause).__name__}: {cause}") from None
+        raise serving.RequestError(503, f"member '{name}' lost its replica twice ({type(lost).__name__}); retry later",
+                                   retry_after_s=retry_after_s)
 
     def _count(self, probs: np.ndarray) -> None:
         for column, count in zip(LABEL_COLUMNS, np.bincount(probs.argmax(axis=1), minlength=3).tolist()):
@@ -237,7 +268,7 @@ class Ingress:
     async def models(self, request: Request) -> JSONResponse:
         """Members, weights, temperatures, labels, versions, and each member replica's batching stats."""
         self._authorize(request)
-        described = await asyncio.gather(*(handle.describe.remote() for handle in self.members.values()))
+        described = await asyncio.gather(*(self._call(name, "describe") for name in self.members))
         return JSONResponse(serving.describe_service(self.spec, self.predict_config, self.settings, described))
 
     @api.get("/healthz")
