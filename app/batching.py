@@ -99,39 +99,45 @@ def micro_batches(
     rng: np.random.Generator,
 ) -> list[MicroBatch]:
     """Cut a window of encoded rows (both A/B orders, as `app.training.EncodeBatch` writes them) into
-    length-grouped micro-batches of `batch_size` sequences.
-
-    random: each row is trained in one order, the swapped one with probability `swap_prob`.
-    symmetric: each micro-batch holds `batch_size / 2` pairs and then the same pairs with A and B swapped,
-    so every step's gradient treats A and B alike.
-    Labels, and the teacher's probabilities (`teacher_probs`, when the window has them), follow each row's
-    order. Every draw comes from `rng`, so a replayed window gives the same batches.
+    length-grouped micro-batches of `batch_size` sequences (`assemble` each). Every draw comes from `rng`, so a
+    replayed window gives the same batches. (Training plans its batches over the whole epoch: app/epochs.py.)
     """
     n_rows = len(window["label"])
-    teacher = window.get("teacher_probs")
-    ids = window.get("row_id")
+    swap = rng.random(n_rows) < swap_prob if swap_mode == "random" else np.zeros(n_rows, dtype=bool)
     if swap_mode == "random":
-        swap = rng.random(n_rows) < swap_prob
-        sequences = choose_rows(swap, window["input_ids"], window["input_ids_swapped"])
-        segments = choose_rows(swap, window["segment_ids"], window["segment_ids_swapped"])
-        labels = np.where(swap, np.take(SWAPPED_LABEL, window["label"]), window["label"]).astype(np.int64)
-        soft = None if teacher is None else np.where(swap[:, None], swap_soft_labels(teacher), teacher)
-        lengths = [len(sequence) for sequence in sequences]
-        return [MicroBatch(sequences[rows], segments[rows], labels[rows], None if soft is None else soft[rows],
-                           None if ids is None else ids[rows])
-                for rows in length_grouped_batches(lengths, batch_size, group_batches, rng)]
+        lengths = [len(window["input_ids_swapped"][i] if swap[i] else window["input_ids"][i]) for i in range(n_rows)]
+    else:
+        lengths = [max(len(plain), len(swapped)) for plain, swapped in zip(window["input_ids"],
+                                                                           window["input_ids_swapped"])]
+    pairs = pairs_per_micro_batch(batch_size, swap_mode)
+    return [assemble({key: value[rows] for key, value in window.items()}, swap[rows], swap_mode)
+            for rows in length_grouped_batches(lengths, pairs, group_batches, rng)]
+
+
+def assemble(rows: Mapping[str, np.ndarray], swap: np.ndarray,
+             swap_mode: Literal["random", "symmetric"]) -> MicroBatch:
+    """One micro-batch of encoded rows (both A/B orders, as `app.training.EncodeBatch` writes them).
+
+    random: each row in one order, the swapped one where `swap` is set.
+    symmetric: the pairs, then the same pairs with A and B swapped (`swap` unused), so every step's gradient treats
+    A and B alike.
+    Labels, and the teacher's probabilities (`teacher_probs`, when the rows have them), follow each row's order.
+    """
+    teacher = rows.get("teacher_probs")
+    ids = rows.get("row_id")
+    if swap_mode == "random":
+        labels = np.where(swap, np.take(SWAPPED_LABEL, rows["label"]), rows["label"]).astype(np.int64)
+        return MicroBatch(choose_rows(swap, rows["input_ids"], rows["input_ids_swapped"]),
+                          choose_rows(swap, rows["segment_ids"], rows["segment_ids_swapped"]), labels,
+                          None if teacher is None else np.where(swap[:, None], swap_soft_labels(teacher), teacher),
+                          ids)
+    n_rows = len(rows["label"])
     no_swap, all_swap = np.zeros(n_rows, dtype=bool), np.ones(n_rows, dtype=bool)
-    plain_ids = choose_rows(no_swap, window["input_ids"], window["input_ids_swapped"])
-    swapped_ids = choose_rows(all_swap, window["input_ids"], window["input_ids_swapped"])
-    plain_segments = choose_rows(no_swap, window["segment_ids"], window["segment_ids_swapped"])
-    swapped_segments = choose_rows(all_swap, window["segment_ids"], window["segment_ids_swapped"])
-    labels = np.asarray(window["label"], dtype=np.int64)
-    lengths = [max(len(plain), len(swapped)) for plain, swapped in zip(plain_ids, swapped_ids)]
-    batches = []
-    for rows in length_grouped_batches(lengths, pairs_per_micro_batch(batch_size, "symmetric"), group_batches, rng):
-        soft = None if teacher is None else np.concatenate([teacher[rows], swap_soft_labels(teacher[rows])])
-        batches.append(MicroBatch(np.concatenate([plain_ids[rows], swapped_ids[rows]]),
-                                  np.concatenate([plain_segments[rows], swapped_segments[rows]]),
-                                  np.concatenate([labels[rows], np.take(SWAPPED_LABEL, labels[rows])]), soft,
-                                  None if ids is None else ids[rows]))
-    return batches
+    labels = np.asarray(rows["label"], dtype=np.int64)
+    return MicroBatch(
+        np.concatenate([choose_rows(no_swap, rows["input_ids"], rows["input_ids_swapped"]),
+                        choose_rows(all_swap, rows["input_ids"], rows["input_ids_swapped"])]),
+        np.concatenate([choose_rows(no_swap, rows["segment_ids"], rows["segment_ids_swapped"]),
+                        choose_rows(all_swap, rows["segment_ids"], rows["segment_ids_swapped"])]),
+        np.concatenate([labels, np.take(SWAPPED_LABEL, labels)]),
+        None if teacher is None else np.concatenate([teacher, swap_soft_labels(teacher)]), ids)

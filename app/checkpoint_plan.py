@@ -95,7 +95,7 @@ def export_bytes(config: Config, arch: Architecture) -> float:
 
 def flops_per_step(config: Config, arch: Architecture) -> float:
     """6 x sum over linear layers of (weights x tokens through the layer) for one optimizer step."""
-    rows = config.scaling.num_workers * config.train.batch_size * config.train.grad_accum_steps
+    rows = config.scaling.max_workers * config.train.batch_size * config.train.grad_accum_steps
     tokens = rows * config.format.max_length
     decoder_tokens = rows * LABELS * T5_LABEL_TOKENS
     total = 0.0
@@ -248,7 +248,7 @@ def plan_checkpoints(config: Config, arch: Architecture, rows: int | None = None
     Raises:
         ValueError: an unknown instance_name, or one without the GPUs the config asks for.
     """
-    world = config.scaling.num_workers
+    world = config.scaling.max_workers
     per_rank = resume_bytes_per_rank(config, arch.total_params, count_trainable_parameters(arch, config.adapter),
                                      world)
     export = export_bytes(config, arch)
@@ -313,15 +313,15 @@ def _instance(config: Config, instance_name: str | None) -> InstanceType | None:
         return instance
     if not config.scaling.use_gpu or config.scaling.accelerator_type is None:
         return None
-    return instance_for(config.scaling.accelerator_type, config.scaling.num_workers, config.scaling.gpus_per_worker)
+    return instance_for(config.scaling.accelerator_type, config.scaling.max_workers, config.scaling.gpus_per_worker)
 
 
 def estimate_step(config: Config, arch: Architecture, instance: InstanceType, rows: int | None = None) -> StepEstimate:
     """A step's time at MFU on `instance`'s GPUs, and the steps of the run on `rows` (default KAGGLE_TRAIN_ROWS)
     less the validation fold."""
     assert instance.gpu is not None
-    gpus = max(1, round(config.scaling.num_workers * config.scaling.gpus_per_worker))
-    rows_per_step = config.scaling.num_workers * config.train.batch_size * config.train.grad_accum_steps
+    gpus = max(1, round(config.scaling.max_workers * config.scaling.gpus_per_worker))
+    rows_per_step = config.scaling.max_workers * config.train.batch_size * config.train.grad_accum_steps
     tokens = rows_per_step * config.format.max_length
     flops = flops_per_step(config, arch)
     seconds = flops / (MFU * instance.gpu.peak_bf16_tflops * 1e12 * gpus)

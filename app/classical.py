@@ -201,9 +201,9 @@ def fit_classical(config: Config, callbacks: list | None = None) -> FitResult:
                          summary["n_rejected"])
     frame, n_rejected = load_training_rows(config, run_dir)
     train_frame, valid_frame = split_train_valid(frame, config)
-    if len(train_frame) // config.scaling.num_workers < MIN_ROWS_PER_WORKER:
+    if len(train_frame) // config.scaling.max_workers < MIN_ROWS_PER_WORKER:
         raise ValueError(f"{len(train_frame)} training rows give fewer than {MIN_ROWS_PER_WORKER} per worker with "
-                         f"scaling.num_workers={config.scaling.num_workers}; use more rows or fewer workers")
+                         f"scaling.num_workers={config.scaling.max_workers}; use more rows or fewer workers")
     print(f"data: {len(train_frame)} training rows, {len(valid_frame)} validation rows "
           f"(fold {config.data.valid_fold} of {config.data.n_folds}, grouped by prompt)", flush=True)
     started = time.perf_counter()
@@ -219,7 +219,7 @@ def fit_classical(config: Config, callbacks: list | None = None) -> FitResult:
         train_loop_config={"config": config_to_dict(config), "featurizer": featurizer, "train_rows": len(train_frame),
                            "meta": meta, "meta_file": CHECKPOINT_META},
         xgboost_config=XGBoostConfig(),
-        scaling_config=ray.train.ScalingConfig(num_workers=config.scaling.num_workers, use_gpu=False,
+        scaling_config=ray.train.ScalingConfig(num_workers=config.scaling.max_workers, use_gpu=False,
                                                resources_per_worker={"CPU": config.scaling.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=config.run.name,

@@ -7,6 +7,7 @@ key means the same thing on the command line, in a preset and in a Tune search s
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
@@ -220,7 +221,14 @@ class DistillConfig(_Section):
 class ScalingConfig(_Section):
     """Ray Train workers and what each one holds."""
 
-    num_workers: int = Field(2, ge=1)
+    num_workers: int | tuple[int, int] = Field(
+        2, description="training workers: a number, or [min, max] for an elastic run that goes on with as few as min "
+                       "while capacity is short and grows back to max (Ray Train's elastic worker group). The global "
+                       "batch is train.batch_size x train.grad_accum_steps x max at every size: each worker "
+                       "accumulates more micro-batches when there are fewer workers")
+    elastic_resize_interval_s: float = Field(
+        60.0, ge=0, description="elastic runs: how often a healthy run checks whether more workers fit; it then "
+                                "restarts from its latest checkpoint at the larger size")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(1.0, ge=0)
@@ -229,6 +237,29 @@ class ScalingConfig(_Section):
         None, description="Ray accelerator type each worker needs, e.g. A100 or H100 (cluster.yaml declares them)")
     accelerator_memory_gb: float | None = Field(
         None, gt=0, description="memory of one worker's accelerator; the planner checks the job fits (None = no check)")
+
+
+    @model_validator(mode="after")
+    def _worker_range(self) -> ScalingConfig:
+        low, high = self.worker_range
+        if not 1 <= low <= high:
+            raise ValueError(f"scaling.num_workers must be a number >= 1 or [min, max] with 1 <= min <= max; got "
+                             f"{list(self.num_workers) if isinstance(self.num_workers, tuple) else self.num_workers}")
+        return self
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """(min, max) workers; a fixed size n is (n, n)."""
+        return self.num_workers if isinstance(self.num_workers, tuple) else (self.num_workers, self.num_workers)
+
+    @property
+    def max_workers(self) -> int:
+        """The most workers the run trains on: what sizes its global batch, and what plans and benchmarks assume."""
+        return self.worker_range[1]
+
+    @property
+    def elastic(self) -> bool:
+        return self.worker_range[0] != self.worker_range[1]
 
 
 class RunConfig(_Section):
@@ -390,6 +421,31 @@ class Config(BaseModel):
             raise ValueError(f"retrieval.max_tokens={self.retrieval.max_tokens} would take more than half of "
                              f"format.max_length={self.format.max_length}; the query keeps at least half: lower "
                              "retrieval.max_tokens or raise format.max_length")
+        return self
+
+    @model_validator(mode="after")
+    def _elastic_sizes_split_the_batch(self) -> Config:
+        """Every world size of an elastic range must split the global batch (batch_size x grad_accum_steps x max
+        workers) into whole micro-batches per worker."""
+        from app.epochs import world_sizes
+
+        low, high = self.scaling.worker_range
+        if low == high:
+            return self
+        if self.model.kind == "tfidf_xgb":
+            raise ValueError(f"scaling.num_workers=[{low}, {high}]: model.kind=tfidf_xgb trains on a fixed number of "
+                             "workers (XGBoost's data-parallel boosting): set one number")
+        accum = self.train.grad_accum_steps
+        fits = world_sizes(accum, high)
+        if missing := [world for world in range(low, high + 1) if world not in fits]:
+            need = next(a for a in range(accum, accum * math.lcm(*range(low, high + 1)) + 1, accum)
+                        if all((a * high) % world == 0 for world in range(low, high + 1)))
+            raise ValueError(
+                f"scaling.num_workers=[{low}, {high}] with train.grad_accum_steps={accum}: the global batch of "
+                f"{accum * high} micro-batches (grad_accum_steps x max workers) cannot be shared evenly by "
+                f"{', '.join(map(str, missing))} workers. World sizes that work: {', '.join(map(str, fits))}; or set "
+                f"train.grad_accum_steps={need} (a global batch of {need * high} micro-batches, which every size from "
+                f"{low} to {high} splits evenly)")
         return self
 
     @model_validator(mode="after")

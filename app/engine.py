@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import tempfile
 from typing import Any, Protocol
 
 import ray.train.torch
@@ -175,6 +176,7 @@ class DeepSpeedStepper:
         self.model = self.engine
         self.amp_dtype = None  # the engine holds the weights in bf16 / fp16 itself when configured
         self.zero3 = config.deepspeed.stage == 3
+        self.universal = bool(ds_config.get("checkpoint", {}).get("load_universal"))
 
     def accumulate(self, boundary: bool) -> contextlib.AbstractContextManager:
         self.engine.set_gradient_accumulation_boundary(boundary)  # the engine reduces gradients at the boundary
@@ -214,16 +216,30 @@ class DeepSpeedStepper:
         return state
 
     def save_state(self, directory: str, rank: int) -> None:
-        """Every rank writes its own ZeRO shards; Ray Train merges all ranks' files into one checkpoint."""
-        self.engine.save_checkpoint(directory, tag=DEEPSPEED_TAG,
-                                    exclude_frozen_parameters=self.config.adapter.method != "full")
+        """Every rank writes its own ZeRO shards; Ray Train merges all ranks' files into one checkpoint. The shards
+        carry what DeepSpeed's universal-checkpoint converter needs, so that another number of ranks can resume."""
+        from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                    UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
+        self.engine.save_checkpoint(
+            directory, tag=DEEPSPEED_TAG, exclude_frozen_parameters=self.config.adapter.method != "full",
+            client_state={UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY:
+                                                      UNIVERSAL_CHECKPOINT_VERSION_VALUE}})
 
     def load_state(self, directory: str) -> None:
-        path, _ = self.engine.load_checkpoint(directory, tag=DEEPSPEED_TAG,
-                                              load_module_strict=self.config.adapter.method == "full")
+        """Load the engine state; shards written by another number of ranks are first converted, on this node, to a
+        universal checkpoint (per-parameter fp32 weights and optimizer moments), which DeepSpeed re-partitions."""
+        groups = [{key: value for key, value in group.items() if key != "params"}
+                  for group in self.engine.optimizer.param_groups]  # built from the config: the same as the run's
+        with tempfile.TemporaryDirectory(prefix="universal-") as scratch:
+            source = to_universal(directory, scratch) if self.universal else directory
+            path, _ = self.engine.load_checkpoint(source, tag=DEEPSPEED_TAG,
+                                                  load_module_strict=self.config.adapter.method == "full")
         if path is None:
             raise RuntimeError(f"no DeepSpeed engine state under {directory}/{DEEPSPEED_TAG}; "
                                "this checkpoint cannot resume a DeepSpeed run")
+        if self.universal:
+            restore_param_groups(self.engine.optimizer, groups, self.scheduler.get_last_lr())
 
     def close(self) -> None:
         from app.deepspeed import shutdown_engine
@@ -231,11 +247,50 @@ class DeepSpeedStepper:
         shutdown_engine(self.engine)
 
 
+def restore_param_groups(optimizer: Any, groups: list[dict[str, Any]], lrs: list[float]) -> None:
+    """Undo what DeepSpeed 0.19's universal load does to a ZeRO-3 optimizer of several param groups (ours has up to
+    four: decay or not, body or head): it gives every group the first group's settings, losing the head's larger lr
+    and the no-decay groups' zero weight decay, and one shared `step` tensor to every group's AdamW state, which each
+    group's update then advances, so the bias correction runs ahead. Each group gets its own settings back (`groups`,
+    from before the load), at the restored schedule's `lrs`, and its own step counter."""
+    for group, settings, lr in zip(optimizer.param_groups, groups, lrs, strict=True):
+        group.update(settings, lr=lr)
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for state in inner.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
+def to_universal(directory: str, scratch: str) -> str:
+    """DeepSpeed's universal checkpoint of the ZeRO shards in `directory`/deepspeed, written under `scratch`
+    (returned: load it with tag `DEEPSPEED_TAG`)."""
+    import argparse
+
+    from deepspeed.checkpoint.ds_to_universal import main as convert
+
+    convert(argparse.Namespace(input_folder=os.path.join(directory, DEEPSPEED_TAG),
+                               output_folder=os.path.join(scratch, DEEPSPEED_TAG), num_extract_workers=1,
+                               num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False))
+    return scratch
+
+
 def build_stepper(model: torch.nn.Module, config: Config, total_steps: int, device: torch.device,
-                  world_size: int) -> Stepper:
-    """The DeepSpeed stepper when `deepspeed.enabled`, else DDP."""
+                  world_size: int, universal: bool = False) -> Stepper:
+    """The DeepSpeed stepper when `deepspeed.enabled`, else DDP. `universal`: the run resumes from ZeRO shards that
+    another number of ranks wrote (see `DeepSpeedStepper.load_state`)."""
     if not config.deepspeed.enabled:
         return TorchStepper(model, config, total_steps, device)
     from app.deepspeed import build_deepspeed_config
 
-    return DeepSpeedStepper(model, config, total_steps, device, build_deepspeed_config(config, world_size))
+    ds_config = build_deepspeed_config(config, world_size)
+    if universal:
+        ds_config["checkpoint"] = {"load_universal": True}
+    return DeepSpeedStepper(model, config, total_steps, device, ds_config)
+
+
+def needs_universal(directory: str) -> bool:
+    """Whether the DeepSpeed state in checkpoint `directory` is partitioned by rank (ZeRO optimizer shards, or
+    bf16 master weights), so that another number of ranks can load it only as a universal checkpoint. Stage 0 in
+    fp32 keeps the whole optimizer in the model states file, which any number of ranks loads as it is."""
+    folder = os.path.join(directory, DEEPSPEED_TAG)
+    return os.path.isdir(folder) and any(name.endswith("optim_states.pt") for name in os.listdir(folder))

@@ -1,20 +1,23 @@
 """The training loop that every Ray Train worker runs, top to bottom.
 
 Workers receive the config as a plain dict and rebuild everything they need. Rows arrive already
-tokenized (both A/B orders) from Ray Data; each epoch deals them out to the ranks in equal shares
-(`EpochShares`: one permutation per epoch, as DistributedSampler does), so every worker takes the same
-number of steps, and each rank logs the rows it trained on (app/rowlog.py). Optimizer steps go through
-a `Stepper` (app/engine.py): plain DDP, or a DeepSpeed ZeRO engine. `app.batching.micro_batches` cuts each window into micro-batches of
-`train.batch_size` sequences: rows in a random A/B order (`train.swap_mode=random`) or each pair in both
-orders (`symmetric`). With `distill.teacher` the rows carry the teacher's probabilities, swapped with them,
-and the loss mixes in the distillation term (app/distillation.py).
+tokenized (both A/B orders) from Ray Data; every optimizer step of an epoch trains on one global batch that
+app/epochs.py plans without regard to the number of workers (one seeded permutation per epoch, length-grouped
+micro-batches), and each rank computes its share of the step's micro-batches and logs the rows it trained on
+(app/rowlog.py). At `world` workers a rank accumulates `train.grad_accum_steps x max workers / world`
+micro-batches per step, so an elastic run (`scaling.num_workers: [min, max]`) keeps its global batch, its
+learning-rate schedule (which counts optimizer steps) and its data order at every size. Optimizer steps go
+through a `Stepper` (app/engine.py): plain DDP, or a DeepSpeed ZeRO engine. `app.batching.assemble` builds each
+micro-batch of `train.batch_size` sequences: rows in a random A/B order (`train.swap_mode=random`) or each pair
+in both orders (`symmetric`). With `distill.teacher` the rows carry the teacher's probabilities, swapped with
+them, and the loss mixes in the distillation term (app/distillation.py).
 
-Resume: every checkpoint holds, besides the inference export (rank 0), each rank's progress (epoch,
-optimizer step, micro-batches done in the epoch, torch RNG, the epoch's running sums, history) and the
-stepper's state. A worker that starts with `ray.train.get_checkpoint()` set (a restarted worker group,
-or a resubmitted run of the same name) restores them and replays the epoch's data order up to where the
-checkpoint was taken: shuffling, swapping and batching draw from a generator seeded per (seed, rank,
-epoch), so the replayed order is the one the interrupted run saw, without running the model.
+Resume: every checkpoint holds, besides the inference export (rank 0), each rank's progress (epoch, optimizer
+step, torch RNG, the epoch's running sums and row ids, history) and the stepper's state. A worker that starts
+with `ray.train.get_checkpoint()` set (a restarted or resized worker group, or a resubmitted run of the same
+name) restores them and goes on at the next step of the plan. At another world size than the checkpoint's, rank
+r takes over the progress of the old ranks r, r + world, ...; DDP state is the same on every rank, and DeepSpeed
+ZeRO shards are turned into DeepSpeed's universal checkpoint first (app/engine.py).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -36,10 +39,11 @@ import ray.train.torch
 import torch
 
 from app import collectives, rowlog
-from app.batching import MicroBatch, micro_batches, pairs_per_micro_batch, token_budget_batches
+from app.batching import MicroBatch, assemble, pairs_per_micro_batch, token_budget_batches
 from app.config import Config, validate_config
-from app.engine import Stepper, build_stepper
+from app.engine import Stepper, build_stepper, needs_universal
 from app.distillation import distillation_loss
+from app.epochs import EpochPlan, accumulation_steps
 from app.families import class_loss
 from app.metrics import score, softmax
 from app.modeling import autocast, build_model, build_tokenizer, forward_batch, save_checkpoint
@@ -58,18 +62,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def seed_rank(seed: int, rank: int) -> None:
+def seed_rank(seed: int, rank: int, step: int = 0) -> None:
     """Give each rank random streams of its own (dropout masks): with one seed on every rank, all of them drop
     the same units. Called after the model is built from the shared seed, so initial weights stay identical
-    (DDP and DeepSpeed broadcast rank 0's anyway)."""
-    seed_everything(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
+    (DDP and DeepSpeed broadcast rank 0's anyway). A rank resumed at another world size has no stream of its own
+    to restore: it starts one from the step it resumes at."""
+    seed_everything(int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0]))
 
 
 def batches_per_epoch(n_rows: int, batch_size: int, group_batches: int) -> int:
-    """Micro-batches one worker takes per epoch (mirrors `length_grouped_batches` on full windows)."""
+    """Micro-batches `app.batching.micro_batches` cuts `n_rows` rows into (length grouping on full windows)."""
     window = batch_size * group_batches
     full, rest = divmod(n_rows, window)
     return full * group_batches + math.ceil(rest / batch_size)
+
+
+def sized_for(config: Config, world: int) -> Config:
+    """`config` as `world` workers run it: each accumulates `train.grad_accum_steps x max workers / world`
+    micro-batches per step, so the global batch is the same at every size of an elastic run."""
+    accum = accumulation_steps(config.train.grad_accum_steps, config.scaling.max_workers, world)
+    return config.model_copy(update={"train": config.train.model_copy(update={"grad_accum_steps": accum}),
+                                     "scaling": config.scaling.model_copy(update={"num_workers": world})})
 
 
 @dataclass
@@ -78,7 +91,9 @@ class Progress:
 
     epoch: int = 0
     step: int = 0  # optimizer steps taken in the whole run
-    micro: int = 0  # micro-batches done in `epoch`
+    epoch_done: bool = False  # the epoch's steps, evaluation and report are done: a resume starts the next one
+    world: int = 1  # ranks of the worker group that wrote this progress
+    plan: dict[str, int] = field(default_factory=dict)  # the data plan it follows (EpochPlan.describe)
     loss_sum: float = 0.0
     loss_count: int = 0
     real_tokens: int = 0
@@ -90,23 +105,30 @@ class Progress:
     resumed_from_step: int | None = None
 
     def start_epoch(self, epoch: int) -> None:
-        self.epoch, self.micro, self.loss_sum, self.loss_count = epoch, 0, 0.0, 0
+        self.epoch, self.epoch_done, self.loss_sum, self.loss_count = epoch, False, 0.0, 0
         self.real_tokens = self.padded_tokens = self.rows_seen = 0
         self.seconds = 0.0
         self.row_ids = []
 
+    def absorb(self, other: Progress) -> None:
+        """Take over the running sums and row ids of another rank's progress in the same epoch (a resume at a
+        smaller world size: one rank goes on with what several had done)."""
+        self.loss_sum, self.loss_count = self.loss_sum + other.loss_sum, self.loss_count + other.loss_count
+        self.real_tokens += other.real_tokens
+        self.padded_tokens += other.padded_tokens
+        self.rows_seen += other.rows_seen
+        self.row_ids += other.row_ids
+
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, float]]:
     """Train (or resume), evaluating and reporting every epoch; returns rank 0's per-epoch metrics."""
-    config = validate_config(loop_config["config"], "worker config")
-    rows_per_worker: int = loop_config["rows_per_worker"]
-    train_rows: int = loop_config["train_rows"]  # rows of the training set, all ranks together
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    config = sized_for(validate_config(loop_config["config"], "worker config"), world)
     run_dir: str | None = loop_config.get("run_dir")  # where the row logs go (app/rowlog.py); None = nowhere
     checkpoint_meta: dict[str, Any] = loop_config.get("checkpoint_meta") or {}
     # files every exported checkpoint carries besides the model, e.g. the retrieval index (app/retrieval.py)
     checkpoint_files: dict[str, bytes] = loop_config.get("checkpoint_files") or {}
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
     if config.deepspeed.enabled:
         from app.deepspeed import deepspeed_env
 
@@ -117,72 +139,72 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, float]]
     ray.data.DataContext.get_current().enable_progress_bars = False  # bars flood job logs; epochs print their own
 
     tokenizer = build_tokenizer(config)
-    pairs_per_micro = pairs_per_micro_batch(config.train.batch_size, config.train.swap_mode)
-    micro_per_epoch = batches_per_epoch(rows_per_worker, pairs_per_micro, config.train.length_group_batches)
-    steps_per_epoch = math.ceil(micro_per_epoch / config.train.grad_accum_steps)
-    total_steps = min(config.train.epochs * steps_per_epoch, config.train.max_steps or 10**12)
-    progress = Progress()
+    plan = EpochPlan(np.asarray(loop_config["lengths"]), pairs_per_micro_batch(config.train.batch_size,
+                                                                                config.train.swap_mode),
+                     config.train.grad_accum_steps * world, config.train.length_group_batches, config.seed)
+    total_steps = min(config.train.epochs * plan.steps_per_epoch, config.train.max_steps or 10**12)
+    progress = Progress(world=world, plan=plan.describe())
+    checkpoint = ray.train.get_checkpoint()
     # ZeRO-3: while open, from_pretrained builds each rank's partition only (kept open for the whole run).
     with zero3_loading(config, world):
-        stepper = build_stepper(build_model(config), config, total_steps, device, world)
-        seed_rank(config.seed, rank)  # a resume restores the rank's own stream from its checkpoint instead
-        try:
-            checkpoint = ray.train.get_checkpoint()
-            staging = check_staging(config)
-            if rank == 0:
-                print(f"checkpoints: staged in {staging}, {upload_mode(config).value.lower()} upload to "
-                      f"{config.run.storage_path}", flush=True)
-            if checkpoint is not None:
-                progress = restore(checkpoint, stepper, rank, world)
+        with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as directory:
+            written_by = checkpoint_world(directory) if directory else world
+            stepper = build_stepper(build_model(config), config, total_steps, device, world,
+                                    universal=written_by != world and needs_universal(directory))
+            try:
+                seed_rank(config.seed, rank)  # a resume restores the rank's own stream from its checkpoint instead
+                staging = check_staging(config)
                 if rank == 0:
-                    print(f"resumed at epoch {progress.epoch} step {progress.step} "
-                          f"(micro-batch {progress.micro} of the epoch)", flush=True)
-            shares = EpochShares(train_rows, rows_per_worker, world, rank, config.seed)
-            run_epochs(config, stepper, tokenizer.pad_token_id, progress, micro_per_epoch, total_steps, device,
-                       rank, world, tokenizer, checkpoint_meta, checkpoint_files, shares, run_dir)
+                    print(f"checkpoints: staged in {staging}, {upload_mode(config).value.lower()} upload to "
+                          f"{config.run.storage_path}; {world} workers, each accumulating "
+                          f"{config.train.grad_accum_steps} micro-batches of {config.train.batch_size} sequences "
+                          "per step", flush=True)
+                if directory is not None:
+                    progress = restore(directory, stepper, rank, world, plan, config.seed)
+                    if rank == 0:
+                        print(f"resumed at epoch {progress.epoch} step {progress.step}"
+                              + (f" (written by {written_by} workers, now {world})" if written_by != world else ""),
+                              flush=True)
+            except BaseException:
+                stepper.close()
+                raise
+        try:
+            run_epochs(config, stepper, tokenizer.pad_token_id, progress, plan, total_steps, device, rank, world,
+                       tokenizer, checkpoint_meta, checkpoint_files, run_dir)
         finally:
             stepper.close()
     return progress.history
 
 
-@dataclass(frozen=True)
-class EpochShares:
-    """Which training rows a rank trains on in each epoch, and in what order, as DistributedSampler deals them: one
-    permutation of all rows per (seed, epoch), the same on every rank, dealt round-robin. `rows_per_worker * world`
-    rows take part; the rest of the permutation (fewer than `world` rows, different ones every epoch) sits the
-    epoch out, so that every rank takes the same number of steps.
+def checkpoint_world(directory: str) -> int:
+    """How many ranks wrote the checkpoint in `directory` (one progress file each)."""
+    return sum(name.startswith("progress_rank") for name in os.listdir(directory))
 
-    The shares depend on nothing but these numbers: not on which node holds which block, nor on how many times the
-    worker group was restarted, so a resumed epoch replays exactly the rows the interrupted one had."""
 
-    train_rows: int
-    rows_per_worker: int
-    world: int
-    rank: int
-    seed: int
+def epoch_rows(dataset: ray.data.DataIterator, positions: np.ndarray, rank: int, epoch: int) -> dict[str, np.ndarray]:
+    """The rows at `positions` (the `position` column) of the whole training set, in that order (columns as
+    encoded). Every worker reads the rows itself and keeps its own: what it gets depends on nothing but the plan.
 
-    def positions(self, epoch: int) -> np.ndarray:
-        """Positions (0..train_rows-1, the `position` column) of this rank's rows in `epoch`, in training order."""
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.train_rows)
-        return order[: self.rows_per_worker * self.world][self.rank::self.world]
-
-    def rows(self, dataset: ray.data.DataIterator, epoch: int) -> dict[str, np.ndarray]:
-        """This rank's rows of `epoch` from the whole training set, in training order (columns as encoded)."""
-        positions = self.positions(epoch)
-        slot = np.full(self.train_rows, -1, dtype=np.int64)
-        slot[positions] = np.arange(len(positions))
-        parts, slots = [], []
-        for chunk in dataset.iter_batches(batch_size=READ_ROWS, batch_format="numpy"):
-            where = slot[chunk["position"]]
-            keep = where >= 0
-            if keep.any():
-                parts.append({key: value[keep] for key, value in chunk.items()})
-                slots.append(where[keep])
-        if not parts or sum(map(len, slots)) != len(positions):
-            raise RuntimeError(f"rank {self.rank} found {sum(map(len, slots))} of its {len(positions)} training rows "
-                               f"of epoch {epoch}: the training set has changed under the run")
-        order = np.argsort(np.concatenate(slots))
-        return {key: _concatenate([part[key] for part in parts])[order] for key in parts[0]}
+    Raises:
+        RuntimeError: some positions are not in the dataset (the training set changed under the run).
+    """
+    slot = np.full(int(positions.max(initial=-1)) + 1, -1, dtype=np.int64)
+    slot[positions] = np.arange(len(positions))
+    parts, slots = [], []
+    for chunk in dataset.iter_batches(batch_size=READ_ROWS, batch_format="numpy"):
+        inside = chunk["position"] < len(slot)
+        where = np.full(len(chunk["position"]), -1, dtype=np.int64)
+        where[inside] = slot[chunk["position"][inside]]
+        keep = where >= 0
+        if keep.any():
+            parts.append({key: value[keep] for key, value in chunk.items()})
+            slots.append(where[keep])
+    found = sum(map(len, slots))
+    if not parts or found != len(positions):
+        raise RuntimeError(f"rank {rank} found {found} of its {len(positions)} training rows of epoch {epoch}: the "
+                           "training set has changed under the run")
+    order = np.argsort(np.concatenate(slots))
+    return {key: _concatenate([part[key] for part in parts])[order] for key in parts[0]}
 
 
 def _concatenate(arrays: list[np.ndarray]) -> np.ndarray:
@@ -198,80 +220,70 @@ def _concatenate(arrays: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(arrays)
 
 
-def windows_of(rows: dict[str, np.ndarray], size: int):
-    """Consecutive windows of `size` rows (the last may be shorter)."""
-    count = len(rows["label"])
-    for start in range(0, count, size):
-        yield {key: value[start:start + size] for key, value in rows.items()}
-
-
-def run_epochs(config: Config, stepper: Stepper, pad_id: int, progress: Progress, micro_per_epoch: int,
-               total_steps: int, device: torch.device, rank: int, world: int, tokenizer,
-               checkpoint_meta: dict[str, Any], checkpoint_files: dict[str, bytes] | None, shares: EpochShares,
-               run_dir: str | None) -> None:
+def run_epochs(config: Config, stepper: Stepper, pad_id: int, progress: Progress, plan: EpochPlan, total_steps: int,
+               device: torch.device, rank: int, world: int, tokenizer, checkpoint_meta: dict[str, Any],
+               checkpoint_files: dict[str, bytes] | None, run_dir: str | None) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     valid_data = ray.train.get_dataset_shard("valid")
     model = stepper.model
-    pairs_per_micro = pairs_per_micro_batch(config.train.batch_size, config.train.swap_mode)
-    window_rows = pairs_per_micro * config.train.length_group_batches  # pairs read per length-grouping window
+    accumulate = plan.accumulation(world)
     every = config.train.checkpoint_every_steps
-    for epoch in range(progress.epoch, config.train.epochs):
+    steps_per_epoch = plan.steps_per_epoch
+    for epoch in range(progress.epoch + progress.epoch_done, config.train.epochs):
         if progress.step >= total_steps:
             break
-        if epoch != progress.epoch or progress.micro == 0:
+        if epoch != progress.epoch:
             progress.start_epoch(epoch)
-        skip = progress.micro  # micro-batches already done before a resume: replayed, not computed
+        first = progress.step - epoch * steps_per_epoch  # steps of the epoch taken before a resume
+        share = plan.share(epoch, rank, world, first)
+        rows = epoch_rows(train_shard, np.concatenate([positions for _, positions in share]), rank, epoch) if share else {}
+        swaps = plan.swaps(epoch, config.train.swap_prob)
         model.train()
         started = time.perf_counter() - progress.seconds
-        rng = np.random.default_rng([config.seed, rank, epoch])  # same draws when an epoch is replayed
-        micro = 0
-        for window in windows_of(shares.rows(train_shard, epoch), window_rows):
-            for batch in micro_batches(window, config.train.batch_size, config.train.length_group_batches,
-                                       config.train.swap_mode, config.train.swap_prob, rng):
-                micro += 1
-                if micro <= skip:
-                    continue
-                if progress.step >= total_steps:
-                    break
-                boundary = micro % config.train.grad_accum_steps == 0 or micro == micro_per_epoch
-                with stepper.accumulate(boundary):
-                    with autocast(device, stepper.amp_dtype):
-                        logits, attention_mask = forward_batch(model, batch.sequences, batch.segments, pad_id, device)
-                    loss = training_loss(logits.float(), batch, config, device)
-                    stepper.backward(loss, boundary)
-                progress.micro = micro
-                progress.loss_sum, progress.loss_count = progress.loss_sum + loss.item(), progress.loss_count + 1
-                progress.real_tokens += int(attention_mask.sum())
-                progress.padded_tokens += attention_mask.size
-                progress.rows_seen += len(batch.labels)  # sequences: a symmetric batch counts each pair twice
-                if batch.row_ids is not None:
-                    progress.row_ids.extend(map(str, batch.row_ids))
-                if not boundary:
-                    continue
-                stepper.step()
-                progress.step += 1
-                if rank == 0 and progress.step % config.train.log_every_steps == 0:
-                    print(f"epoch {epoch} step {progress.step}/{total_steps} "
-                          f"loss {progress.loss_sum / progress.loss_count:.4f} lr {stepper.lr():.2e}", flush=True)
-                if every and progress.step % every == 0 and micro < micro_per_epoch and progress.step < total_steps:
-                    progress.seconds = time.perf_counter() - started
-                    metrics = {**train_metrics(progress, world), "valid_log_loss": NOT_EVALUATED}
-                    report(metrics, stepper, tokenizer, config, progress, rank, export=False)
+        offset = 0
+        for index, (_, positions) in enumerate(share):
             if progress.step >= total_steps:
-                break  # max_steps reached: stop reading the shard too
+                break
+            picked = {key: value[offset:offset + len(positions)] for key, value in rows.items()}
+            offset += len(positions)
+            batch = assemble(picked, swaps[positions], config.train.swap_mode)
+            boundary = (index + 1) % accumulate == 0
+            with stepper.accumulate(boundary):
+                with autocast(device, stepper.amp_dtype):
+                    logits, attention_mask = forward_batch(model, batch.sequences, batch.segments, pad_id, device)
+                loss = training_loss(logits.float(), batch, config, device)
+                stepper.backward(loss, boundary)
+            progress.loss_sum, progress.loss_count = progress.loss_sum + loss.item(), progress.loss_count + 1
+            progress.real_tokens += int(attention_mask.sum())
+            progress.padded_tokens += attention_mask.size
+            progress.rows_seen += len(batch.labels)  # sequences: a symmetric batch counts each pair twice
+            if batch.row_ids is not None:
+                progress.row_ids.extend(map(str, batch.row_ids))
+            if not boundary:
+                continue
+            stepper.step()
+            progress.step += 1
+            if rank == 0 and progress.step % config.train.log_every_steps == 0:
+                print(f"epoch {epoch} step {progress.step}/{total_steps} "
+                      f"loss {progress.loss_sum / progress.loss_count:.4f} lr {stepper.lr():.2e}", flush=True)
+            in_epoch = progress.step - epoch * steps_per_epoch
+            if every and progress.step % every == 0 and in_epoch < steps_per_epoch and progress.step < total_steps:
+                progress.seconds = time.perf_counter() - started
+                metrics = {**train_metrics(progress, world), "valid_log_loss": NOT_EVALUATED}
+                report(metrics, stepper, tokenizer, config, progress, rank, export=False)
         progress.seconds = time.perf_counter() - started
         metrics = train_metrics(progress, world)
         valid_metrics = evaluate(model, valid_data, config, device, stepper, pad_id, rank, world)
         metrics.update({f"valid_{name}": value for name, value in valid_metrics.items()})
         progress.history.append(metrics)
-        progress.micro = micro_per_epoch  # the epoch is done: a resume starts the next one
+        progress.epoch_done = True
         if run_dir is not None:
             rowlog.write(run_dir, epoch, rank, world, progress.row_ids, node=ray.get_runtime_context().get_node_id(),
                          resumed_from_step=progress.resumed_from_step)
+            if rank == 0:
+                rowlog.prune(run_dir, epoch, world)  # the logs of ranks a larger, earlier group had
         report(metrics, stepper, tokenizer, config, progress, rank, export=True, meta=checkpoint_meta,
                files=checkpoint_files)
-        progress.micro = 0
-        progress.epoch = epoch + 1
 
 
 def training_loss(logits: torch.Tensor, batch: MicroBatch, config: Config, device: torch.device) -> torch.Tensor:
@@ -409,20 +421,39 @@ def check_staging(config: Config) -> str:
     return root
 
 
-def restore(checkpoint: ray.train.Checkpoint, stepper: Stepper, rank: int, world: int) -> Progress:
-    """Load this rank's progress and the stepper state (weights, optimizer, scheduler) from a checkpoint."""
-    with checkpoint.as_directory() as directory:
-        ranks = sorted(name for name in os.listdir(directory) if name.startswith("progress_rank"))
-        if len(ranks) != world:
-            raise RuntimeError(f"checkpoint {checkpoint.path} was written by {len(ranks)} workers, this run has "
-                               f"{world}: resume with the same scaling.num_workers, or start a new run.name")
-        state = torch.load(os.path.join(directory, PROGRESS_FILE.format(rank=rank)), map_location="cpu",
-                           weights_only=False)
-        stepper.load_state(directory)
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    progress = Progress(**state["progress"])
+def restore(directory: str, stepper: Stepper, rank: int, world: int, plan: EpochPlan, seed: int) -> Progress:
+    """Load this rank's progress and the stepper state (weights, optimizer, scheduler) from the checkpoint in
+    `directory`. Written by as many ranks as now, each rank takes its own progress and random streams back; by
+    another number, rank r takes over the progress of the old ranks r, r + world, ... (their running sums and
+    row ids: nothing trained before the checkpoint goes unlogged) and starts fresh random streams.
+
+    Raises:
+        RuntimeError: the checkpoint follows another data plan (rows, batch or global batch, seed), in which its
+            position would mean other rows.
+    """
+    written_by = checkpoint_world(directory)
+    states = [torch.load(os.path.join(directory, PROGRESS_FILE.format(rank=old)), map_location="cpu",
+                         weights_only=False) for old in range(rank, written_by, world) or [0]]
+    known = {item.name for item in fields(Progress)}
+    taken = [Progress(**{key: value for key, value in state["progress"].items() if key in known}) for state in states]
+    if taken[0].plan != plan.describe():
+        raise RuntimeError(f"the checkpoint in {directory} follows the data plan {taken[0].plan}, this run "
+                           f"{plan.describe()}: resume with the same data, seed, train.batch_size and global batch "
+                           "(train.grad_accum_steps x the most workers), or start a new run.name")
+    stepper.load_state(directory)
+    progress = taken[0]
+    if rank >= written_by:  # a rank the old group did not have: the position and history, none of the sums
+        progress = Progress(epoch=progress.epoch, step=progress.step, epoch_done=progress.epoch_done,
+                            seconds=progress.seconds, history=progress.history, plan=progress.plan)
+    for other in taken[1:]:
+        progress.absorb(other)
+    if written_by == world:
+        torch.set_rng_state(states[0]["torch_rng"])
+        if states[0]["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states[0]["cuda_rng"])
+    else:
+        seed_rank(seed, rank, progress.step)
+    progress.world = world
     progress.resumed_from_step = progress.step
     return progress
 

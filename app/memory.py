@@ -361,7 +361,7 @@ def plan_memory(config: Config, world_size: int | None = None, architecture: Arc
     if config.model.kind == "tfidf_xgb":
         return MemoryPlan({}, 0, 0, "0", "model.kind=tfidf_xgb (TF-IDF features, XGBoost on CPU workers): no "
                           "accelerator memory needed", 0, 0)
-    world = world_size or config.scaling.num_workers
+    world = world_size or config.scaling.max_workers
     device = torch.device("cuda" if config.scaling.use_gpu else "cpu")
     notes: list[str] = []
     arch = architecture or read_architecture(config.model)

@@ -27,6 +27,16 @@ def write(run_dir: str, epoch: int, rank: int, world: int, row_ids: list[str], *
                         "row_ids": row_ids})
 
 
+def prune(run_dir: str, epoch: int, world: int) -> None:
+    """Delete `epoch`'s logs of ranks `world` and above: an elastic run that ends an epoch at fewer workers than an
+    earlier attempt of the same epoch had leaves their logs behind, and the rows in them were trained again (their
+    steps were past the checkpoint the run went on from)."""
+    prefix = f"epoch_{epoch:03d}_rank"
+    for name in storage.list_dir(storage.join(run_dir, FOLDER)):
+        if name.startswith(prefix) and int(name[len(prefix):].split(".")[0]) >= world:
+            storage.delete_file(storage.join(run_dir, FOLDER, name))
+
+
 def read(run_dir: str, epoch: int) -> list[dict[str, Any]]:
     """Every rank's log of `epoch`, by rank."""
     prefix = f"epoch_{epoch:03d}_rank"

@@ -161,6 +161,13 @@ def download_dir(source: str, local: str, skip: Callable[[str], bool] | None = N
     return local
 
 
+def delete_file(path: str) -> None:
+    """Delete the file `path`; nothing when there is none."""
+    filesystem, resolved = resolve(path)
+    if filesystem.get_file_info(resolved).type == pafs.FileType.File:
+        filesystem.delete_file(resolved)
+
+
 def delete_dir(path: str) -> None:
     filesystem, resolved = resolve(path)
     if filesystem.get_file_info(resolved).type == pafs.FileType.Directory:

@@ -19,6 +19,7 @@ from app.classical import fit_classical
 from app.config import Config, ConfigError, config_to_dict
 from app.data import assign_folds, load_pairs, prompt_group_key
 from app.distillation import TEACHER_COLUMNS, attach_teacher, load_teacher
+from app.batching import pairs_per_micro_batch
 from app.formatting import build_pair_encoder
 from app.loop import train_loop_per_worker
 from app.metrics import log_loss
@@ -104,6 +105,8 @@ class EncodeBatch:
             "label": batch["label"].astype(np.int64),
             "row_id": batch["row_id"].astype(str),  # the input's id column: what a row log names
             "position": batch["position"].astype(np.int64),  # 0..N-1, what the workers deal out (app/loop.py)
+            # tokens of the longer A/B order: what the epochs' length grouping sorts by (app/epochs.py)
+            "length": np.array([max(len(a), len(b)) for a, b in zip(encoded, swapped, strict=True)], dtype=np.int32),
         }
         if TEACHER_COLUMNS[0] in batch:
             encoded_rows["teacher_probs"] = np.stack([batch[column] for column in TEACHER_COLUMNS], axis=1)  # (N, 3)
@@ -117,7 +120,7 @@ def _ragged(sequences: list[list[int]], dtype: type = np.int32) -> np.ndarray:
 
 
 def encode_dataset(frame: pd.DataFrame, config: Config, neighbours: np.ndarray | None = None,
-                   pairs: JudgedPairs | None = None) -> ray.data.Dataset:
+                   pairs: JudgedPairs | None = None) -> tuple[ray.data.Dataset, np.ndarray]:
     """Tokenize rows with Ray Data; the result is held by this driver, in row order, so training workers only read
     blocks, and reads them the same whichever nodes come and go.
 
@@ -128,6 +131,7 @@ def encode_dataset(frame: pd.DataFrame, config: Config, neighbours: np.ndarray |
     rank's share of each epoch (app/loop.py `epoch_rows`), does not depend on which actor encoded what first.
 
     With retrieval, `neighbours` are the rows' (N, k) positions into `pairs` (app/retrieval.py `plan_retrieval`).
+    Returns the dataset and each row's token count, by position (what app/epochs.py groups batches by).
     """
     columns = frame[["prompt", "response_a", "response_b", "label",
                      *(column for column in TEACHER_COLUMNS if column in frame)]]
@@ -141,28 +145,31 @@ def encode_dataset(frame: pd.DataFrame, config: Config, neighbours: np.ndarray |
                                   batch_size=ENCODE_BATCH_ROWS, concurrency=1, num_cpus=1)
     table = pa.concat_tables(ray.get(dataset.materialize().to_arrow_refs()))
     table = table.take(pc.sort_indices(table, [("position", "ascending")]))
-    return ray.data.from_arrow([table.slice(start, BLOCK_ROWS) for start in range(0, max(len(table), 1), BLOCK_ROWS)])
+    blocks = [table.slice(start, BLOCK_ROWS) for start in range(0, max(len(table), 1), BLOCK_ROWS)]
+    return ray.data.from_arrow(blocks), table["length"].to_numpy().astype(np.int32)
 
 
-def build_trainer(config: Config, train: ray.data.Dataset, valid: ray.data.Dataset, rows_per_worker: int,
+def build_trainer(config: Config, train: ray.data.Dataset, valid: ray.data.Dataset, lengths: np.ndarray,
                   callbacks: list | None = None, train_priors: list[float] | None = None,
                   checkpoint_files: dict[str, bytes] | None = None) -> TorchTrainer:
-    """The TorchTrainer of one run; `train_priors` (class shares of the training rows) go into every
-    checkpoint's arena.json, where predict's class-prior shift reads them, and `checkpoint_files` (relative
-    path -> content, e.g. the retrieval index) into every exported checkpoint."""
+    """The TorchTrainer of one run; `lengths` are the training rows' token counts by position (app/epochs.py),
+    `train_priors` (class shares of the training rows) go into every checkpoint's arena.json, where predict's
+    class-prior shift reads them, and `checkpoint_files` (relative path -> content, e.g. the retrieval index) into
+    every exported checkpoint. With `scaling.num_workers: [min, max]` the worker group is elastic."""
     scaling = config.scaling
     resources = {"CPU": scaling.cpus_per_worker} | ({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})
     root = run_directory(config).rsplit("/", 1)[0]
+    workers = scaling.worker_range if scaling.elastic else scaling.max_workers
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config_to_dict(config), "rows_per_worker": rows_per_worker,
-                           "train_rows": train.count(), "run_dir": run_directory(config),
+        train_loop_config={"config": config_to_dict(config), "lengths": lengths, "run_dir": run_directory(config),
                            "checkpoint_meta": {"train_priors": train_priors},
                            "checkpoint_files": checkpoint_files or {}},
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=scaling.use_gpu,
                                                resources_per_worker=resources,
-                                               accelerator_type=scaling.accelerator_type),
+                                               accelerator_type=scaling.accelerator_type,
+                                               elastic_resize_monitor_interval_s=scaling.elastic_resize_interval_s),
         run_config=ray.train.RunConfig(
             name=config.run.name,
             storage_path=root,
@@ -196,10 +203,12 @@ def fit(config: Config, callbacks: list | None = None) -> FitResult:
         print(f"resuming run {config.run.name!r} from the latest checkpoint in {run_dir}", flush=True)
     frame, n_rejected = load_training_rows(config, run_dir)
     train_frame, valid_frame = split_train_valid(frame, config)
-    rows_per_worker = len(train_frame) // config.scaling.num_workers
-    if rows_per_worker < config.train.batch_size:
-        raise ValueError(f"{len(train_frame)} training rows give {rows_per_worker} per worker, fewer than "
-                         f"train.batch_size={config.train.batch_size}; use more rows or fewer workers")
+    step_rows = (pairs_per_micro_batch(config.train.batch_size, config.train.swap_mode)
+                 * config.train.grad_accum_steps * config.scaling.max_workers)
+    if len(train_frame) < step_rows:
+        raise ValueError(f"{len(train_frame)} training rows are fewer than one optimizer step's {step_rows} "
+                         f"(train.batch_size x train.grad_accum_steps x {config.scaling.max_workers} workers); use "
+                         "more rows, a smaller batch or fewer workers")
     if config.distill.teacher is not None:
         train_frame = with_teacher(train_frame, config)
     print(f"data: {len(train_frame)} training rows, {len(valid_frame)} validation rows "
@@ -211,11 +220,11 @@ def fit(config: Config, callbacks: list | None = None) -> FitResult:
         retrieval = plan_retrieval(train_frame, valid_frame, config, cache_dir)
         print(f"retrieval: indexed {len(retrieval.pairs)} training pairs ({config.retrieval.embed} embeddings, "
               f"{config.retrieval.index} index); {config.retrieval.k} neighbours per row", flush=True)
+    train, lengths = encode_dataset(train_frame, config,
+                                    *((retrieval.train_neighbours, retrieval.pairs) if retrieval else ()))
+    valid, _ = encode_dataset(valid_frame, config, *((retrieval.valid_neighbours, retrieval.pairs) if retrieval else ()))
     trainer = build_trainer(
-        config,
-        encode_dataset(train_frame, config, *((retrieval.train_neighbours, retrieval.pairs) if retrieval else ())),
-        encode_dataset(valid_frame, config, *((retrieval.valid_neighbours, retrieval.pairs) if retrieval else ())),
-        rows_per_worker, callbacks, class_frequencies(train_frame["label"].to_numpy()).tolist(),
+        config, train, valid, lengths, callbacks, class_frequencies(train_frame["label"].to_numpy()).tolist(),
         checkpoint_files=retrieval.pairs.to_files(config.retrieval) if retrieval else None)
     return summarize_run(trainer.fit(), run_dir, n_rejected)
 

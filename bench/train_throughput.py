@@ -114,7 +114,7 @@ def measure_ours(config) -> Measurement:
     threads = config.scaling.torch_threads or max(1, int(config.scaling.cpus_per_worker))
     return Measurement(
         system="ours: Ray Train, length-grouped dynamic padding",
-        layout=f"{config.scaling.num_workers} x {threads}",
+        layout=f"{config.scaling.max_workers} x {threads}",
         samples_per_s=float(last["train_rows_per_s"]),
         real_tokens_per_s=float(last["train_real_tokens_per_s"]),
         real_token_share=float(last["train_real_token_share"]),
@@ -171,7 +171,7 @@ def measure_hf(variant: HFVariant, train_frame, config, threads: int | None) -> 
             self.end = time.perf_counter()
 
     timer = StepTimer()
-    global_batch = config.train.batch_size * config.scaling.num_workers
+    global_batch = config.train.batch_size * config.scaling.max_workers
     with tempfile.TemporaryDirectory(prefix="bench_hf_") as output_dir:
         training_args = TrainingArguments(
             output_dir=output_dir,

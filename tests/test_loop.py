@@ -1,4 +1,5 @@
-"""The worker loop's random streams: one model on every rank, dropout masks of each rank's own."""
+"""The worker loop: random streams (one model on every rank, dropout masks of each rank's own), the epochs' data
+plan at every world size, and the rows each rank reads."""
 
 import numpy as np
 import pytest
@@ -67,30 +68,89 @@ class ChunkedRows:
             yield {key: value[start:start + self.chunk] for key, value in self.columns.items()}
 
 
-def test_epoch_shares_deal_every_row_once_whatever_the_block_order():
-    from app.loop import EpochShares
+def plan(n_rows: int = 103, pairs: int = 4, micro_per_step: int = 4, group: int = 8, seed: int = 5):
+    from app.epochs import EpochPlan
 
-    n_rows, world = 23, 3  # 7 rows each, 2 sit the epoch out
-    shares = [EpochShares(n_rows, 7, world, rank, seed=5) for rank in range(world)]
-    positions = np.concatenate([share.positions(0) for share in shares])
-    assert len(positions) == len(set(positions)) == 21
-    assert not np.array_equal(shares[0].positions(0), shares[0].positions(1))  # a new permutation every epoch
-    in_order = ChunkedRows(n_rows, 4, [0, 1, 2, 3, 4, 5])
-    shuffled = ChunkedRows(n_rows, 4, [5, 2, 0, 4, 1, 3])
-    for share in shares:
-        rows = share.rows(in_order, 0)
-        assert list(rows["position"]) == list(share.positions(0))  # in training order
-        assert list(rows["row_id"]) == [f"id{p}" for p in share.positions(0)]
-        assert [len(ids) for ids in rows["input_ids"]] == [p % 5 + 1 for p in share.positions(0)]
-        again = share.rows(shuffled, 0)
-        assert list(again["row_id"]) == list(rows["row_id"])
+    lengths = np.random.default_rng(0).integers(10, 500, n_rows)
+    return EpochPlan(lengths, pairs, micro_per_step, group, seed)
 
 
-def test_epoch_shares_refuse_a_training_set_that_changed():
-    from app.loop import EpochShares
+def test_an_epoch_is_whole_global_batches_of_one_permutation():
+    epoch_plan = plan()  # 103 rows, steps of 16: 6 steps, 7 rows sit out
+    batches = epoch_plan.micro_batches(0)
+    assert (epoch_plan.steps_per_epoch, epoch_plan.sits_out, len(batches)) == (6, 7, 24)
+    rows = np.concatenate(batches)
+    assert len(rows) == len(set(rows)) == 96 and all(len(batch) == 4 for batch in batches)
+    assert not np.array_equal(rows, np.concatenate(epoch_plan.micro_batches(1)))  # a new permutation every epoch
+    spread = [np.ptp(epoch_plan.lengths[batch]) for batch in batches]
+    ungrouped = plan(group=1)
+    assert np.mean(spread) < 0.5 * np.mean([np.ptp(ungrouped.lengths[b]) for b in ungrouped.micro_batches(0)])
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_every_world_size_trains_the_same_micro_batches_in_each_step(world):
+    """What an elastic run relies on: the ranks of any world size together compute exactly the plan's micro-batches
+    of each step, each once, so a resize between two steps changes who computes, not what is trained."""
+    epoch_plan = plan()
+    batches = epoch_plan.micro_batches(0)
+    shares = [epoch_plan.share(0, rank, world) for rank in range(world)]
+    assert {len(share) for share in shares} == {6 * epoch_plan.accumulation(world)}
+    for step in range(6):
+        computed = sorted(tuple(positions) for share in shares for s, positions in share if s == step)
+        assert computed == sorted(tuple(batch) for batch in batches[step * 4:(step + 1) * 4])
+    resumed = [epoch_plan.share(0, rank, world, first_step=3) for rank in range(world)]
+    assert all(s >= 3 for share in resumed for s, _ in share)
+    assert sum(len(share) for share in resumed) == 12
+    assert np.array_equal(epoch_plan.swaps(0, 0.5), plan().swaps(0, 0.5))  # the A/B swaps: the plan's, too
+
+
+def test_a_world_size_that_does_not_split_the_step_is_refused():
+    with pytest.raises(ValueError, match="3 workers cannot share a step of 4 micro-batches"):
+        plan().share(0, 0, 3)
+    with pytest.raises(ValueError, match="fewer than one optimizer step's 16"):
+        plan(n_rows=15)
+
+
+def test_an_elastic_range_whose_sizes_do_not_split_the_batch_is_refused_naming_sizes_that_work():
+    from app.config import ConfigError, load_config
+
+    config = load_config(None, ["scaling.num_workers=[1, 4]", "train.grad_accum_steps=3"])
+    assert config.scaling.worker_range == (1, 4) and config.scaling.max_workers == 4 and config.scaling.elastic
+    with pytest.raises(ConfigError, match=r"the global batch of 4 micro-batches .* cannot be shared evenly by 3 workers"
+                                          r"\. World sizes that work: 1, 2, 4; or set train.grad_accum_steps=3 "):
+        load_config(None, ["scaling.num_workers=[2, 4]"])
+    with pytest.raises(ConfigError, match="1 <= min <= max"):
+        load_config(None, ["scaling.num_workers=[3, 2]"])
+    with pytest.raises(ConfigError, match="tfidf_xgb trains on a fixed number"):
+        load_config(None, ["scaling.num_workers=[1, 2]", "model.kind=tfidf_xgb"])
+
+
+def test_sized_for_keeps_the_global_batch():
+    from app.config import load_config
+    from app.loop import sized_for
+
+    config = load_config(None, ["scaling.num_workers=[1, 4]", "train.grad_accum_steps=3", "train.batch_size=8"])
+    for world, accum in ((1, 12), (2, 6), (3, 4), (4, 3)):
+        sized = sized_for(config, world)
+        assert (sized.train.grad_accum_steps, sized.scaling.num_workers) == (accum, world)
+
+
+def test_epoch_rows_come_in_plan_order_whatever_the_block_order():
+    from app.loop import epoch_rows
+
+    positions = np.array([7, 0, 22, 13, 5])
+    in_order = epoch_rows(ChunkedRows(23, 4, [0, 1, 2, 3, 4, 5]), positions, 0, 0)
+    shuffled = epoch_rows(ChunkedRows(23, 4, [5, 2, 0, 4, 1, 3]), positions, 0, 0)
+    assert list(in_order["position"]) == list(positions)
+    assert list(in_order["row_id"]) == [f"id{p}" for p in positions] == list(shuffled["row_id"])
+    assert [len(ids) for ids in in_order["input_ids"]] == [p % 5 + 1 for p in positions]
+
+
+def test_epoch_rows_refuse_a_training_set_that_changed():
+    from app.loop import epoch_rows
 
     with pytest.raises(RuntimeError, match="found 3 of its 4 training rows"):
-        EpochShares(4, 4, 1, 0, seed=1).rows(ChunkedRows(3, 2, [0, 1]), 0)
+        epoch_rows(ChunkedRows(3, 2, [0, 1]), np.arange(4), 0, 0)
 
 
 def test_row_accounting_names_lost_repeated_and_unknown_rows():

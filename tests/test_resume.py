@@ -75,10 +75,11 @@ def assert_each_row_once_per_epoch(result, config, like=None) -> None:
     `like` (uninterrupted, same seed), every rank trained the same rows in the same order as it."""
     frame, _ = load_training_rows(config, result.run_dir)
     train, _ = split_train_valid(frame, config)
-    world = config.scaling.num_workers
+    world = config.scaling.max_workers
+    step_rows = config.train.batch_size * config.train.grad_accum_steps * world  # one global batch (swap_mode random)
     for epoch in range(len(result.history)):
         logs = rowlog.read(result.run_dir, epoch)
-        accounted = rowlog.account(logs, train["id"].astype(str), sits_out=len(train) % world)
+        accounted = rowlog.account(logs, train["id"].astype(str), sits_out=len(train) % step_rows)
         assert accounted | {"lost": 0, "repeated": 0, "unknown": 0, "ranks": world} == accounted, accounted
         if like is not None:
             assert [log["row_ids"] for log in logs] == [log["row_ids"] for log in rowlog.read(like.run_dir, epoch)]
