@@ -40,7 +40,7 @@ test: setup
 # The compact scenario (tests/test_rehearsal.py) is part of `make test` too.
 rehearsal: setup
 	rm -f runs/rehearsal/report.json
-	RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.2 $(PY) -m pytest -q -m "rehearsal or integration" tests/test_rehearsal.py tests/test_rehearsal_full.py tests/test_rehearsal_serve.py tests/test_elastic.py --durations=0
+	RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.2 $(PY) -m pytest -q -m "rehearsal or integration" tests/test_rehearsal.py tests/test_rehearsal_full.py tests/test_rehearsal_serve.py tests/test_rehearsal_elastic.py tests/test_elastic.py --durations=0
 	@cat runs/rehearsal/report.json
 
 # A Ray token of the recipe's own, in the folder $(1) (what `ray get-auth-token --generate` writes to ~/.ray), for

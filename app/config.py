@@ -30,6 +30,9 @@ class DataConfig(_Section):
     max_rows: int | None = Field(None, ge=10, description="use only the first N rows (quick runs)")
     n_folds: int = Field(5, ge=2)
     valid_fold: int = Field(0, ge=0)
+    split_seed: int | None = Field(
+        None, description="seed of the fold assignment; None = the run's seed. Fix it to compare (or average) runs "
+                          "of different seeds on the same validation rows")
     on_bad_rows: Literal["error", "skip"] = "error"
     rejects_path: str | None = Field(None, description="skip mode: where rejected rows go; default <run dir>/rejects.jsonl")
 
@@ -409,6 +412,11 @@ class Config(BaseModel):
     prompting: PromptingConfig = PromptingConfig()
     distill: DistillConfig = DistillConfig()
     retrieval: RetrievalConfig = RetrievalConfig()
+
+    @property
+    def fold_seed(self) -> int:
+        """The seed of the fold assignment: `data.split_seed`, or the run's seed."""
+        return self.seed if self.data.split_seed is None else self.data.split_seed
 
     @model_validator(mode="after")
     def _retrieval_block_fits(self) -> Config:

@@ -213,7 +213,7 @@ def prompt_cv(config: Config, device: torch.device | None = None, folds: Sequenc
     started = time.perf_counter()
     device = device or default_device()
     frame, member_dir = _training_rows(config)
-    row_folds = assign_folds([prompt_group_key(turns) for turns in frame["prompt"]], config.data.n_folds, config.seed)
+    row_folds = assign_folds([prompt_group_key(turns) for turns in frame["prompt"]], config.data.n_folds, config.fold_seed)
     folds = list(range(config.data.n_folds)) if folds is None else list(folds)
     scored = np.isin(row_folds, folds)
     queries = frame if scored.all() else frame[scored].reset_index(drop=True)

@@ -71,7 +71,7 @@ def load_training_rows(config: Config, run_dir: str) -> tuple[pd.DataFrame, int]
 
 def split_train_valid(frame: pd.DataFrame, config: Config) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Prompt-grouped k-fold split; fold `valid_fold` is held out."""
-    folds = assign_folds([prompt_group_key(p) for p in frame["prompt"]], config.data.n_folds, config.seed)
+    folds = assign_folds([prompt_group_key(p) for p in frame["prompt"]], config.data.n_folds, config.fold_seed)
     is_valid = folds == config.data.valid_fold
     return frame[~is_valid].reset_index(drop=True), frame[is_valid].reset_index(drop=True)
 
