@@ -212,6 +212,23 @@ class Rehearsal:
             raise AssertionError(f"job failed: {entrypoint}\n{done.stdout[-6000:]}\n{done.stderr[-3000:]}")
         return done
 
+    def wait_for_serve(self, base: str, env: dict[str, str], timeout: float = 300) -> None:
+        """Wait until the Serve app at `base` answers /readyz 200; on timeout fail with `serve status`."""
+        import requests
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if requests.get(f"{base}/readyz", timeout=5).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                status = subprocess.run(["serve", "status", "--address", self.dashboard], env=env,
+                                        capture_output=True, text=True, timeout=60)
+                raise AssertionError(f"the app never became ready:\n{status.stdout[-3000:]}")
+            time.sleep(2)
+
     def submit_async(self, entrypoint: str, log: Path) -> subprocess.Popen:
         """`ray job submit` in the background (for scenarios that act while the job runs); output to `log`."""
         home = Path(tempfile.mkdtemp(prefix="client-", dir=self.root))

@@ -242,18 +242,7 @@ def serve_spec(cluster: Rehearsal, spec: str, tmp_path: Path) -> dict:
     assert deploy.returncode == 0, deploy.stderr[-3000:]
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if requests.get(f"{base}/readyz", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                status = subprocess.run(["serve", "status", "--address", cluster.dashboard], env=env,
-                                        capture_output=True, text=True, timeout=60)
-                raise AssertionError(f"the app never became ready:\n{status.stdout[-3000:]}")
-            time.sleep(2)
+        cluster.wait_for_serve(base, env)
         ready = time.monotonic() - started
         pair = {"prompt": ["What is 2+2?"], "response_a": ["4"], "response_b": ["5"]}
         answer = requests.post(f"{base}/v1/predict", json={"pairs": [pair]}, timeout=60)

@@ -28,6 +28,7 @@ import requests
 import yaml
 from fresh_machine import free_ports
 from rehearsal import ROOT, Rehearsal
+from test_rehearsal import cluster  # noqa: F401 - fixture
 from test_rehearsal_full import record
 
 pytestmark = pytest.mark.rehearsal
@@ -41,19 +42,6 @@ LOAD_BEFORE_KILL_S = 20
 RECOVERY_LIMIT_S = 60  # 200 again within this long after the kill
 LOAD_AFTER_RECOVERY_S = 15
 PAIR = {"prompt": ["Which is larger, 7 or 9?"], "response_a": ["9 is larger."], "response_b": ["7."]}
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    rehearsal = Rehearsal.create()
-    try:
-        rehearsal.start()
-        rehearsal.add_node("worker-1")
-        rehearsal.add_node("worker-2")
-        yield rehearsal
-    finally:
-        left = rehearsal.stop()
-        assert not left, f"processes outlived the rehearsal: {left}"
 
 
 @pytest.fixture(scope="module")
@@ -174,18 +162,8 @@ def deploy(cluster: Rehearsal, spec: str, head_node_id: str, tmp_path: Path) -> 
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while True:
-        try:
-            if requests.get(f"{base}/readyz", timeout=5).status_code == 200:
-                return base, env
-        except requests.RequestException:
-            pass
-        if time.monotonic() > deadline:
-            status = subprocess.run(["serve", "status", "--address", cluster.dashboard], env=env,
-                                    capture_output=True, text=True, timeout=60)
-            raise AssertionError(f"the app never became ready:\n{status.stdout[-3000:]}")
-        time.sleep(2)
+    cluster.wait_for_serve(base, env)
+    return base, env
 
 
 def resent_calls(cluster: Rehearsal) -> int:
