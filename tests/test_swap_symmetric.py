@@ -1,7 +1,6 @@
 """A/B swap in training: the micro-batches of a window in random and symmetric mode (pure), and one real Ray
 Train run in symmetric mode with gradient accumulation."""
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 from app.batching import micro_batches, pairs_per_micro_batch, swap_soft_labels
 from app.config import ConfigError, load_config
 from app.formatting import SWAPPED_LABEL
+from app.epochs import EpochPlan
 from app.loop import batches_per_epoch
 from app.training import fit, load_training_rows, split_train_valid
 
@@ -106,11 +106,13 @@ def test_symmetric_training_with_accumulation_takes_twice_the_micro_batches(ray_
     result = fit(config)
 
     train, valid = split_train_valid(load_training_rows(config, result.run_dir)[0], config)
-    rows_per_worker = len(train) // config.scaling.num_workers
-    micro = batches_per_epoch(rows_per_worker, config.train.batch_size // 2, config.train.length_group_batches)
-    assert micro > batches_per_epoch(rows_per_worker, config.train.batch_size, config.train.length_group_batches)
+    micro_per_step = config.train.grad_accum_steps * config.scaling.max_workers
+    symmetric, plain = (EpochPlan(np.ones(len(train), int), pairs_per_micro_batch(config.train.batch_size, mode),
+                                  micro_per_step, config.train.length_group_batches, config.seed)
+                        for mode in ("symmetric", "random"))
+    assert symmetric.steps_per_epoch >= 2 * plain.steps_per_epoch  # half the pairs in each micro-batch
     epochs = [row for row in result.history if "train_loss" in row]
-    assert [row["step"] for row in epochs] == [math.ceil(micro / 2), 2 * math.ceil(micro / 2)]
+    assert [row["step"] for row in epochs] == [symmetric.steps_per_epoch, 2 * symmetric.steps_per_epoch]
     assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
     assert epochs[-1]["train_real_token_share"] > 0.9  # a pair and its swap are equally long: little padding
     assert result.best_metrics["valid_rows"] == len(valid) and np.isfinite(result.best_metrics["valid_log_loss"])
