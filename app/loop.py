@@ -162,9 +162,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, float]]
                 if directory is not None:
                     progress = restore(directory, stepper, rank, world, plan, config.seed)
                     if rank == 0:
-                        print(f"resumed at epoch {progress.epoch} step {progress.step}"
-                              + (f" (written by {written_by} workers, now {world})" if written_by != world else ""),
-                              flush=True)
+                        print(f"resumed at epoch {progress.epoch} step {progress.step}: {written_by} workers wrote "
+                              f"the checkpoint, {world} go on", flush=True)
             except BaseException:
                 stepper.close()
                 raise

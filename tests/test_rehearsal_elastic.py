@@ -30,7 +30,7 @@ STORAGE = f"s3://{BUCKET}/elastic"
 RUN = "train.epochs=2 train.log_every_steps=1 data.split_seed=42 run.max_failures=4"
 SEEDS = (1, 2, 3)
 STEP_LINE = re.compile(r"epoch (\d+) step (\d+)/(\d+)")
-RESUMED = re.compile(r"resumed at epoch (\d+) step (\d+) \(written by (\d+) workers, now (\d+)\)")
+RESUMED = re.compile(r"resumed at epoch (\d+) step (\d+): (\d+) workers wrote the checkpoint, (\d+) go on")
 
 
 class TimedLog:
@@ -97,10 +97,10 @@ def test_an_elastic_run_shrinks_grows_and_ends_within_the_seed_spread(cluster, d
     try:
         wait_for_checkpoint(cluster, "elastic/elastic/", job, log)
         killed = cluster.kill_node("worker-2")
-        shrunk = lines.wait_for(re.compile(r"resumed at epoch \d+ step \d+ \(written by 2 workers, now 1\)"), job)
+        shrunk = lines.wait_for(re.compile(RESUMED.pattern.replace(r"(\d+) go on", "1 go on")), job)
         lines.wait_for(STEP_LINE, job, after=shrunk)  # training at one worker
         cluster.add_node("worker-3")  # capacity comes back: the run grows at its next resize check
-        grown = lines.wait_for(re.compile(r"resumed at epoch \d+ step \d+ \(written by 1 workers, now 2\)"), job)
+        grown = lines.wait_for(re.compile(RESUMED.pattern.replace(r"(\d+) go on", "2 go on")), job, after=shrunk)
         assert job.wait(timeout=1200) == 0, log.read_text()[-6000:]
     finally:
         lines.done = True
