@@ -279,7 +279,7 @@ def test_a_ray_train_run_with_retrieval_predicts_from_its_checkpoint(ray_session
 
     config = load_config(CONFIGS / "tiny.yaml", {
         "run.storage_path": str(tmp_path), "run.keep_checkpoints": 1, "train.epochs": 3,
-        "format.max_length": 144, "retrieval.enabled": True, "retrieval.max_tokens": 48, "train.lr": 2e-4})
+        "format.max_length": 144, "retrieval.enabled": True, "retrieval.max_tokens": 48, "train.lr": 3e-4})
     result = fit(config)
     frame, _ = load_training_rows(config, result.run_dir)
     train, valid = split_train_valid(frame, config)
