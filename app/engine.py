@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import tempfile
 from typing import Any, Protocol
 
@@ -164,7 +165,7 @@ class DeepSpeedStepper:
     """A DeepSpeed engine over our AdamW and schedule; ZeRO stage, offload and precision from the config."""
 
     def __init__(self, model: torch.nn.Module, config: Config, total_steps: int, device: torch.device,
-                 ds_config: dict[str, Any]) -> None:
+                 ds_config: dict[str, Any], written_by: int | None = None) -> None:
         import deepspeed
 
         self.config = config
@@ -177,6 +178,7 @@ class DeepSpeedStepper:
         self.amp_dtype = None  # the engine holds the weights in bf16 / fp16 itself when configured
         self.zero3 = config.deepspeed.stage == 3
         self.universal = bool(ds_config.get("checkpoint", {}).get("load_universal"))
+        self.written_by = written_by
 
     def accumulate(self, boundary: bool) -> contextlib.AbstractContextManager:
         self.engine.set_gradient_accumulation_boundary(boundary)  # the engine reduces gradients at the boundary
@@ -231,8 +233,9 @@ class DeepSpeedStepper:
         universal checkpoint (per-parameter fp32 weights and optimizer moments), which DeepSpeed re-partitions."""
         groups = [{key: value for key, value in group.items() if key != "params"}
                   for group in self.engine.optimizer.param_groups]  # built from the config: the same as the run's
-        with tempfile.TemporaryDirectory(prefix="universal-") as scratch:
-            source = to_universal(directory, scratch) if self.universal else directory
+        with tempfile.TemporaryDirectory(prefix="deepspeed-") as scratch:
+            source = own_shards(directory, self.written_by, os.path.join(scratch, "shards"))
+            source = to_universal(source, os.path.join(scratch, "universal")) if self.universal else source
             path, _ = self.engine.load_checkpoint(source, tag=DEEPSPEED_TAG,
                                                   load_module_strict=self.config.adapter.method == "full")
         if path is None:
@@ -261,6 +264,23 @@ def restore_param_groups(optimizer: Any, groups: list[dict[str, Any]], lrs: list
             state["step"] = state["step"].clone()
 
 
+def own_shards(directory: str, written_by: int | None, scratch: str) -> str:
+    """A folder (under `scratch`, of links) holding the engine state in `directory` without the shards of ranks
+    `written_by` and above: leftovers of a larger worker group that failed while writing a checkpoint of the same
+    name, which DeepSpeed would otherwise count or convert as the checkpoint's own. `directory` itself when there
+    are none."""
+    folder = os.path.join(directory, DEEPSPEED_TAG)
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    stale = {name for name in names if written_by is not None
+             and (found := re.search(r"zero_pp_rank_(\d+)_", name)) and int(found.group(1)) >= written_by}
+    if not stale:
+        return directory
+    os.makedirs(os.path.join(scratch, DEEPSPEED_TAG))
+    for name in set(names) - stale:
+        os.symlink(os.path.join(folder, name), os.path.join(scratch, DEEPSPEED_TAG, name))
+    return scratch
+
+
 def to_universal(directory: str, scratch: str) -> str:
     """DeepSpeed's universal checkpoint of the ZeRO shards in `directory`/deepspeed, written under `scratch`
     (returned: load it with tag `DEEPSPEED_TAG`)."""
@@ -275,9 +295,10 @@ def to_universal(directory: str, scratch: str) -> str:
 
 
 def build_stepper(model: torch.nn.Module, config: Config, total_steps: int, device: torch.device,
-                  world_size: int, universal: bool = False) -> Stepper:
+                  world_size: int, universal: bool = False, written_by: int | None = None) -> Stepper:
     """The DeepSpeed stepper when `deepspeed.enabled`, else DDP. `universal`: the run resumes from ZeRO shards that
-    another number of ranks wrote (see `DeepSpeedStepper.load_state`)."""
+    another number of ranks wrote (see `DeepSpeedStepper.load_state`); `written_by`: how many (shards of higher
+    ranks in the folder are a failed larger group's leftovers)."""
     if not config.deepspeed.enabled:
         return TorchStepper(model, config, total_steps, device)
     from app.deepspeed import build_deepspeed_config
@@ -285,7 +306,7 @@ def build_stepper(model: torch.nn.Module, config: Config, total_steps: int, devi
     ds_config = build_deepspeed_config(config, world_size)
     if universal:
         ds_config["checkpoint"] = {"load_universal": True}
-    return DeepSpeedStepper(model, config, total_steps, device, ds_config)
+    return DeepSpeedStepper(model, config, total_steps, device, ds_config, written_by or world_size)
 
 
 def needs_universal(directory: str) -> bool:

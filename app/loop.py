@@ -150,7 +150,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, float]]
         with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as directory:
             written_by = checkpoint_world(directory) if directory else world
             stepper = build_stepper(build_model(config), config, total_steps, device, world,
-                                    universal=written_by != world and needs_universal(directory))
+                                    universal=written_by != world and needs_universal(directory),
+                                    written_by=written_by)
             try:
                 seed_rank(config.seed, rank)  # a resume restores the rank's own stream from its checkpoint instead
                 staging = check_staging(config)
@@ -176,8 +177,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, float]]
 
 
 def checkpoint_world(directory: str) -> int:
-    """How many ranks wrote the checkpoint in `directory` (one progress file each)."""
-    return sum(name.startswith("progress_rank") for name in os.listdir(directory))
+    """How many ranks wrote the checkpoint in `directory`, as its rank 0 recorded it. Not a count of the progress
+    files: a checkpoint's folder is named by epoch and step, so a larger worker group that failed after writing part
+    of the same step's checkpoint can have left files of its higher ranks there (seen in the elastic rehearsal)."""
+    state = torch.load(os.path.join(directory, PROGRESS_FILE.format(rank=0)), map_location="cpu", weights_only=False)
+    recorded = state["progress"].get("world")  # None in checkpoints from before elastic runs: one file per rank
+    return int(recorded) if recorded else sum(name.startswith("progress_rank") for name in os.listdir(directory))
 
 
 def epoch_rows(dataset: ray.data.DataIterator, positions: np.ndarray, rank: int, epoch: int) -> dict[str, np.ndarray]:

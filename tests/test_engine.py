@@ -6,6 +6,7 @@ GPU does (that is what makes `model.dtype=auto` choose bf16), and the compute st
 autocast."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -141,3 +142,20 @@ def test_the_export_cast_keeps_tied_weights_tied_and_views_apart():
     exported = in_dtype({"first": fused[:4], "second": fused[4:], "embed": tied, "lm_head": tied}, torch.bfloat16)
     assert exported["first"].tolist() == [0, 1, 2, 3] and exported["second"].tolist() == [4, 5, 6, 7]
     assert exported["embed"] is exported["lm_head"] and exported["embed"].dtype == torch.bfloat16
+
+
+def test_shards_of_ranks_beyond_the_checkpoints_writers_are_left_out(tmp_path):
+    """A larger worker group that failed while writing step N's checkpoint leaves its higher ranks' shards in the
+    folder that the next, smaller group writes step N into: DeepSpeed must see only the writers' own."""
+    from app.engine import DEEPSPEED_TAG, own_shards
+
+    folder = tmp_path / "checkpoint" / DEEPSPEED_TAG
+    folder.mkdir(parents=True)
+    names = ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+             "zero_pp_rank_1_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"]
+    for name in names:
+        (folder / name).write_text(name)
+    kept = Path(own_shards(str(tmp_path / "checkpoint"), 1, str(tmp_path / "scratch"))) / DEEPSPEED_TAG
+    assert sorted(p.name for p in kept.iterdir()) == names[:2]
+    assert (kept / names[1]).read_text() == names[1]
+    assert own_shards(str(tmp_path / "checkpoint"), 2, str(tmp_path / "other")) == str(tmp_path / "checkpoint")

@@ -99,7 +99,7 @@ def test_an_elastic_run_shrinks_grows_and_ends_within_the_seed_spread(cluster, d
         killed = cluster.kill_node("worker-2")
         shrunk = lines.wait_for(re.compile(RESUMED.pattern.replace(r"(\d+) go on", "1 go on")), job)
         lines.wait_for(STEP_LINE, job, after=shrunk)  # training at one worker
-        cluster.add_node("worker-3")  # capacity comes back: the run grows at its next resize check
+        cluster.add_node("worker-3", wait=False)  # capacity comes back: the run grows at its next resize check
         grown = lines.wait_for(re.compile(RESUMED.pattern.replace(r"(\d+) go on", "2 go on")), job, after=shrunk)
         assert job.wait(timeout=1200) == 0, log.read_text()[-6000:]
     finally:
