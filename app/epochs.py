@@ -31,11 +31,7 @@ class EpochPlan:
     seed: int
 
     def __post_init__(self) -> None:
-        if self.steps_per_epoch < 1:
-            raise ValueError(f"{self.train_rows} training rows are fewer than one optimizer step's "
-                             f"{self.rows_per_step} ({self.micro_per_step} micro-batches of {self.pairs_per_micro} "
-                             "pairs: train.batch_size x train.grad_accum_steps x the most workers); use more rows, a "
-                             "smaller batch or fewer workers")
+        check_enough_rows(self.train_rows, self.pairs_per_micro, self.micro_per_step)
 
     @property
     def train_rows(self) -> int:
@@ -75,9 +71,7 @@ class EpochPlan:
 
     def accumulation(self, world: int) -> int:
         """Micro-batches each of `world` ranks accumulates per optimizer step."""
-        if self.micro_per_step % world:
-            raise ValueError(f"{world} workers cannot share a step of {self.micro_per_step} micro-batches")
-        return self.micro_per_step // world
+        return share_of_step(self.micro_per_step, world)
 
     def share(self, epoch: int, rank: int, world: int, first_step: int = 0) -> list[tuple[int, np.ndarray]]:
         """(step within the epoch, positions) of the micro-batches rank `rank` of `world` computes in `epoch`, from
@@ -94,13 +88,26 @@ class EpochPlan:
                 "micro_per_step": self.micro_per_step, "seed": self.seed}
 
 
+def share_of_step(micro_per_step: int, world: int) -> int:
+    """Micro-batches each of `world` ranks accumulates in a step of `micro_per_step`."""
+    if micro_per_step % world:
+        raise ValueError(f"{world} workers cannot share a step of {micro_per_step} micro-batches")
+    return micro_per_step // world
+
+
 def accumulation_steps(grad_accum_steps: int, max_workers: int, world: int) -> int:
     """`train.grad_accum_steps` at `world` workers of a run sized for `max_workers`: the global batch stays
     batch_size x grad_accum_steps x max_workers."""
-    micro_per_step = grad_accum_steps * max_workers
-    if micro_per_step % world:
-        raise ValueError(f"a global batch of {micro_per_step} micro-batches cannot be split over {world} workers")
-    return micro_per_step // world
+    return share_of_step(grad_accum_steps * max_workers, world)
+
+
+def check_enough_rows(train_rows: int, pairs_per_micro: int, micro_per_step: int) -> None:
+    """Raises ValueError when `train_rows` do not fill one optimizer step (one global batch)."""
+    if train_rows < pairs_per_micro * micro_per_step:
+        raise ValueError(f"{train_rows} training rows are fewer than one optimizer step's "
+                         f"{pairs_per_micro * micro_per_step} ({micro_per_step} micro-batches of {pairs_per_micro} "
+                         "pairs: train.batch_size x train.grad_accum_steps x the most workers); use more rows, a "
+                         "smaller batch or fewer workers")
 
 
 def world_sizes(grad_accum_steps: int, max_workers: int) -> list[int]:

@@ -161,7 +161,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, float]]
                           f"{config.train.grad_accum_steps} micro-batches of {config.train.batch_size} sequences "
                           "per step", flush=True)
                 if directory is not None:
-                    progress = restore(directory, stepper, rank, world, plan, config.seed)
+                    progress = restore(directory, written_by, stepper, rank, world, plan, config.seed)
                     if rank == 0:
                         print(f"resumed at epoch {progress.epoch} step {progress.step}: {written_by} workers wrote "
                               f"the checkpoint, {world} go on", flush=True)
@@ -425,9 +425,10 @@ def check_staging(config: Config) -> str:
     return root
 
 
-def restore(directory: str, stepper: Stepper, rank: int, world: int, plan: EpochPlan, seed: int) -> Progress:
+def restore(directory: str, written_by: int, stepper: Stepper, rank: int, world: int, plan: EpochPlan,
+            seed: int) -> Progress:
     """Load this rank's progress and the stepper state (weights, optimizer, scheduler) from the checkpoint in
-    `directory`. Written by as many ranks as now, each rank takes its own progress and random streams back; by
+    `directory`, which `written_by` ranks wrote (`checkpoint_world`). Written by as many ranks as now, each rank takes its own progress and random streams back; by
     another number, rank r takes over the progress of the old ranks r, r + world, ... (their running sums and
     row ids: nothing trained before the checkpoint goes unlogged) and starts fresh random streams.
 
@@ -435,7 +436,6 @@ def restore(directory: str, stepper: Stepper, rank: int, world: int, plan: Epoch
         RuntimeError: the checkpoint follows another data plan (rows, batch or global batch, seed), in which its
             position would mean other rows.
     """
-    written_by = checkpoint_world(directory)
     states = [torch.load(os.path.join(directory, PROGRESS_FILE.format(rank=old)), map_location="cpu",
                          weights_only=False) for old in range(rank, written_by, world) or [0]]
     known = {item.name for item in fields(Progress)}

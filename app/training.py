@@ -18,6 +18,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from app.classical import fit_classical
 from app.config import Config, ConfigError, config_to_dict
 from app.data import assign_folds, load_pairs, prompt_group_key
+from app.epochs import check_enough_rows
 from app.distillation import TEACHER_COLUMNS, attach_teacher, load_teacher
 from app.batching import pairs_per_micro_batch
 from app.formatting import build_pair_encoder
@@ -203,12 +204,8 @@ def fit(config: Config, callbacks: list | None = None) -> FitResult:
         print(f"resuming run {config.run.name!r} from the latest checkpoint in {run_dir}", flush=True)
     frame, n_rejected = load_training_rows(config, run_dir)
     train_frame, valid_frame = split_train_valid(frame, config)
-    step_rows = (pairs_per_micro_batch(config.train.batch_size, config.train.swap_mode)
-                 * config.train.grad_accum_steps * config.scaling.max_workers)
-    if len(train_frame) < step_rows:
-        raise ValueError(f"{len(train_frame)} training rows are fewer than one optimizer step's {step_rows} "
-                         f"(train.batch_size x train.grad_accum_steps x {config.scaling.max_workers} workers); use "
-                         "more rows, a smaller batch or fewer workers")
+    check_enough_rows(len(train_frame), pairs_per_micro_batch(config.train.batch_size, config.train.swap_mode),
+                      config.train.grad_accum_steps * config.scaling.max_workers)  # before encoding: fail early
     if config.distill.teacher is not None:
         train_frame = with_teacher(train_frame, config)
     print(f"data: {len(train_frame)} training rows, {len(valid_frame)} validation rows "
