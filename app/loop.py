@@ -428,8 +428,8 @@ def check_staging(config: Config) -> str:
 def restore(directory: str, written_by: int, stepper: Stepper, rank: int, world: int, plan: EpochPlan,
             seed: int) -> Progress:
     """Load this rank's progress and the stepper state (weights, optimizer, scheduler) from the checkpoint in
-    `directory`, which `written_by` ranks wrote (`checkpoint_world`). Written by as many ranks as now, each rank takes its own progress and random streams back; by
-    another number, rank r takes over the progress of the old ranks r, r + world, ... (their running sums and
+    `directory`, which `written_by` ranks wrote (`checkpoint_world`). Written by as many ranks as now, each rank
+    takes its own progress and random streams back; by another number, rank r takes over the progress of the old ranks r, r + world, ... (their running sums and
     row ids: nothing trained before the checkpoint goes unlogged) and starts fresh random streams.
 
     Raises:
