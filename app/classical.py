@@ -45,6 +45,7 @@ from app.features import PairFeaturizer
 from app.formatting import SWAPPED_LABEL
 from app.metrics import combine_views, score, softmax
 from app.priors import class_frequencies
+from app.tracking import Record, Tracker, config_params, publish_events
 
 if TYPE_CHECKING:
     from app.training import FitResult
@@ -117,9 +118,9 @@ class ReportRounds(xgboost.callback.TrainingCallback):
     every `every`-th round to Ray Train. Not every round: a report waits for the Train controller's next
     poll (2 s by default), far longer than a round."""
 
-    def __init__(self, every: int) -> None:
+    def __init__(self, every: int, tracker: Tracker | None = None) -> None:
         super().__init__()
-        self.every = every
+        self.every, self.tracker = every, tracker
         self.history: list[dict[str, float]] = []
 
     def after_iteration(self, model: xgboost.Booster, epoch: int, evals_log: dict) -> bool:
@@ -128,16 +129,44 @@ class ReportRounds(xgboost.callback.TrainingCallback):
                    "valid_log_loss": float(evals_log["valid"]["mlogloss"][-1]),
                    "valid_accuracy": 1.0 - float(evals_log["valid"]["merror"][-1])}
         self.history.append(metrics)
+        if self.tracker is not None:  # every round: a tracker only queues what it is given
+            self.tracker.log(Record(epoch + 1, {"log_loss": metrics["train_log_loss"]}))
+            self.tracker.log(Record(epoch + 1, {"log_loss": metrics["valid_log_loss"],
+                                                "accuracy": metrics["valid_accuracy"]}, "eval"))
         if (epoch + 1) % self.every == 0:  # the same rounds on every worker: reports are collective
             ray.train.report(metrics)
         return False
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, float]]:
-    """Boost on this worker's shard with xgboost's collective; returns the per-round metrics (rank 0's are kept)."""
+def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
+    """Boost on this worker's shard with xgboost's collective; returns the per-round metrics (`history`, rank 0's
+    are kept) and how rank 0's trackers fared (`tracking`): train and validation log loss of every round."""
     config = validate_config(loop_config["config"], "worker config")
-    featurizer: PairFeaturizer = loop_config["featurizer"]
     rank = ray.train.get_context().get_world_rank()
+    tracker = None
+    if rank == 0:  # boosting is never resumed midway (fit_classical): a fresh tracker run from round 1
+        tracker = Tracker(config.tracking, loop_config["run_dir"], first_step=0, params=config_params(config),
+                          tags={"arena.model": KIND})
+    try:
+        history, kept = boost(loop_config, config, rank, tracker)
+    except BaseException:
+        if tracker is not None:
+            tracker.close(failed=True)
+        raise
+    if tracker is None:
+        return {"history": history, "tracking": {}}
+    tracker.log_summary({"best_checkpoint": f"{loop_config['run_dir']}/{checkpoint_name(kept)}",
+                         "best_metrics": history[kept - 1], "history": history})
+    tracker.close()
+    publish_events(tracker)
+    return {"history": history, "tracking": tracker.status()}
+
+
+def boost(loop_config: dict[str, Any], config: Config, rank: int,
+          tracker: Tracker | None) -> tuple[list[dict[str, float]], int]:
+    """Featurize this worker's shard, boost, and report the kept rounds' checkpoint; returns every round's metrics
+    and the number of rounds kept."""
+    featurizer: PairFeaturizer = loop_config["featurizer"]
     ray.data.DataContext.get_current().enable_progress_bars = False
     started = time.perf_counter()
     # swap_mode=symmetric: both orders of every pair weigh the same
@@ -147,7 +176,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, float]]
     valid_x, valid_y = featurizer.transform(*(valid[column] for column in TEXT_COLUMNS)), np.asarray(valid["label"])
     dtrain = xgboost.DMatrix(train_x, label=train_y, weight=train_w)
     dvalid = xgboost.DMatrix(valid_x, label=valid_y)
-    rounds = ReportRounds(config.classical.report_every_rounds)
+    rounds = ReportRounds(config.classical.report_every_rounds, tracker)
     booster = xgboost.train(booster_params(config), dtrain, num_boost_round=config.classical.num_boost_round,
                             evals=[(dtrain, "train"), (dvalid, "valid")],
                             early_stopping_rounds=config.classical.early_stopping_rounds,
@@ -168,8 +197,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, float]]
             checkpoint = ray.train.Checkpoint.from_directory(directory)
             print(f"boosting done: {kept} of {len(rounds.history)} rounds kept, "
                   + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"round_{kept:04d}")
-    return rounds.history
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_name(kept))
+    return rounds.history, kept
+
+
+def checkpoint_name(rounds: int) -> str:
+    """The folder of the checkpoint that keeps the first `rounds` boosting rounds."""
+    return f"round_{rounds:04d}"
 
 
 def write_checkpoint(directory: str, booster: xgboost.Booster, featurizer: PairFeaturizer, meta: dict[str, Any],
@@ -217,7 +251,7 @@ def fit_classical(config: Config, callbacks: list | None = None) -> FitResult:
     trainer = XGBoostTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config_to_dict(config), "featurizer": featurizer, "train_rows": len(train_frame),
-                           "meta": meta, "meta_file": CHECKPOINT_META},
+                           "meta": meta, "meta_file": CHECKPOINT_META, "run_dir": run_dir},
         xgboost_config=XGBoostConfig(),
         scaling_config=ray.train.ScalingConfig(num_workers=config.scaling.max_workers, use_gpu=False,
                                                resources_per_worker={"CPU": config.scaling.cpus_per_worker}),

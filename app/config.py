@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from app.tracking import TrackingConfig
+
 PACKAGED_MINILM = "packaged:all-MiniLM-L6-v2"
 
 
@@ -412,6 +414,7 @@ class Config(BaseModel):
     prompting: PromptingConfig = PromptingConfig()
     distill: DistillConfig = DistillConfig()
     retrieval: RetrievalConfig = RetrievalConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @property
     def fold_seed(self) -> int:

@@ -56,7 +56,9 @@ def run_cv(config: Config, folds: list[int] | None = None, test_path: str | None
     oof_parts, test_parts, fold_meta = [], [], []
     for fold in folds:
         fold_config = validate_config(apply_overrides(config_to_dict(config), {
-            "data.valid_fold": fold, "run.name": f"{config.run.name}-fold{fold}"}), f"fold {fold} config")
+            "data.valid_fold": fold, "run.name": f"{config.run.name}-fold{fold}",
+            # the folds' tracker runs are grouped under the member (an MLflow parent run, a W&B group)
+            "tracking.run_group": config.tracking.run_group or config.run.name}), f"fold {fold} config")
         finished_before = storage.exists(storage.join(run_directory(fold_config), "summary.json"))
         started = time.perf_counter()
         result = fit(fold_config)

@@ -39,6 +39,8 @@ class Stepper(Protocol):
     def backward(self, loss: torch.Tensor, boundary: bool) -> None: ...
     def step(self) -> None: ...
     def lr(self) -> float: ...
+    def lrs(self) -> list[float]: ...  # per parameter group
+    def grad_norm(self) -> float | None: ...  # of the last step's gradients, before clipping; None = not known
     def export_state_dict(self, keep: bool) -> dict[str, torch.Tensor] | None: ...
     def save_state(self, directory: str, rank: int) -> None: ...
     def load_state(self, directory: str) -> None: ...
@@ -118,8 +120,9 @@ class TorchStepper:
 
     def step(self) -> None:
         self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
-                                       self.config.train.max_grad_norm)
+        # the norm stays a device tensor: reading it (a device sync) is left to the steps that log it
+        self._grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                                         self.config.train.max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -127,6 +130,13 @@ class TorchStepper:
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
+
+    def lrs(self) -> list[float]:
+        return [float(lr) for lr in self.scheduler.get_last_lr()]
+
+    def grad_norm(self) -> float | None:
+        norm = getattr(self, "_grad_norm", None)
+        return None if norm is None else float(norm)
 
     def export_state_dict(self, keep: bool) -> dict[str, torch.Tensor] | None:
         return None  # the unwrapped model holds the full weights on every rank
@@ -192,6 +202,13 @@ class DeepSpeedStepper:
 
     def lr(self) -> float:
         return self.engine.get_lr()[0]
+
+    def lrs(self) -> list[float]:
+        return [float(lr) for lr in self.engine.get_lr()]
+
+    def grad_norm(self) -> float | None:
+        norm = self.engine.get_global_grad_norm()  # the norm the engine clipped by (None before the first step)
+        return None if norm is None else float(norm)
 
     def export_state_dict(self, keep: bool) -> dict[str, torch.Tensor] | None:
         """Under ZeRO-3 gather the trained parameters (all, or adapter + head) one at a time. Every rank must join

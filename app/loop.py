@@ -38,7 +38,8 @@ import ray.train
 import ray.train.torch
 import torch
 
-from app import collectives, rowlog
+from app import collectives, rowlog, storage, tracking
+from app.calibration import expected_calibration_error
 from app.batching import MicroBatch, assemble, pairs_per_micro_batch, token_budget_batches
 from app.config import Config, validate_config
 from app.engine import Stepper, build_stepper, needs_universal
@@ -47,6 +48,7 @@ from app.epochs import EpochPlan, accumulation_steps
 from app.families import class_loss
 from app.metrics import score, softmax
 from app.modeling import autocast, build_model, build_tokenizer, forward_batch, save_checkpoint
+from app.tracking import BEST_CHECKPOINT_TAG, Record, StepMeter, Tracker
 
 VALID_WINDOW_ROWS = 1024  # validation rows per window; windows are dealt round-robin to workers
 READ_ROWS = 1024  # training rows per read while a worker collects its share of an epoch
@@ -120,8 +122,9 @@ class Progress:
         self.row_ids += other.row_ids
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, float]]:
-    """Train (or resume), evaluating and reporting every epoch; returns rank 0's per-epoch metrics."""
+def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
+    """Train (or resume), evaluating and reporting every epoch; returns rank 0's per-epoch metrics (`history`) and
+    how its trackers fared (`tracking`, app/tracking.py `Tracker.status`)."""
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     config = sized_for(validate_config(loop_config["config"], "worker config"), world)
@@ -144,6 +147,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, float]]
                      config.train.grad_accum_steps * world, config.train.length_group_batches, config.seed)
     total_steps = min(config.train.epochs * plan.steps_per_epoch, config.train.max_steps or 10**12)
     progress = Progress(world=world, plan=plan.describe())
+    tracker: Tracker | None = None  # rank 0's (app/tracking.py)
     checkpoint = ray.train.get_checkpoint()
     # ZeRO-3: while open, from_pretrained builds each rank's partition only (kept open for the whole run).
     with zero3_loading(config, world):
@@ -165,15 +169,38 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, float]]
                     if rank == 0:
                         print(f"resumed at epoch {progress.epoch} step {progress.step}: {written_by} workers wrote "
                               f"the checkpoint, {world} go on", flush=True)
+                if rank == 0 and run_dir is not None:
+                    tracker = open_tracker(config, run_dir, directory, progress)
             except BaseException:
                 stepper.close()
                 raise
         try:
             run_epochs(config, stepper, tokenizer.pad_token_id, progress, plan, total_steps, device, rank, world,
-                       tokenizer, checkpoint_meta, checkpoint_files, run_dir)
+                       tokenizer, checkpoint_meta, checkpoint_files, run_dir, tracker)
+        except BaseException:
+            if tracker is not None:
+                tracker.close(failed=True)
+            raise
         finally:
             stepper.close()
-    return progress.history
+    if tracker is not None:
+        if progress.history:
+            uri, metrics = best_checkpoint(run_dir, progress.history)
+            tracker.log_summary({"best_checkpoint": uri, "best_metrics": metrics, "history": progress.history})
+        tracker.close()
+        tracking.publish_events(tracker)
+    return {"history": progress.history, "tracking": tracker.status() if tracker is not None else {}}
+
+
+def open_tracker(config: Config, run_dir: str, checkpoint_dir: str | None, progress: Progress) -> Tracker:
+    """Rank 0's tracker of the run (app/tracking.py): a fresh run's, or on a resume the same tracker runs continued
+    from the step after the checkpoint's, with the TensorBoard events the checkpoint carries where this node has
+    none (a run on s3:// storage restarted on another node)."""
+    tracker_dir = Tracker.local_dir_of(config.tracking, run_dir)
+    if checkpoint_dir is not None:
+        tracking.restore_events(checkpoint_dir, os.path.join(tracker_dir, "tensorboard"))
+    return Tracker(config.tracking, run_dir, first_step=progress.step + 1 if checkpoint_dir is not None else 0,
+                   params=tracking.config_params(config), tags={"arena.model": config.model.name_or_path})
 
 
 def checkpoint_world(directory: str) -> int:
@@ -226,13 +253,17 @@ def _concatenate(arrays: list[np.ndarray]) -> np.ndarray:
 
 def run_epochs(config: Config, stepper: Stepper, pad_id: int, progress: Progress, plan: EpochPlan, total_steps: int,
                device: torch.device, rank: int, world: int, tokenizer, checkpoint_meta: dict[str, Any],
-               checkpoint_files: dict[str, bytes] | None, run_dir: str | None) -> None:
+               checkpoint_files: dict[str, bytes] | None, run_dir: str | None, tracker: Tracker | None) -> None:
+    """Train the epochs left, from `progress` on. Every `train.log_every_steps` steps the ranks sum what they did
+    since the last logged step (`StepMeter`) and rank 0 logs it; every epoch ends with an evaluation, logged too,
+    and a checkpoint. `tracker` is rank 0's (None on the other ranks)."""
     train_shard = ray.train.get_dataset_shard("train")
     valid_data = ray.train.get_dataset_shard("valid")
     model = stepper.model
     accumulate = plan.accumulation(world)
     every = config.train.checkpoint_every_steps
     steps_per_epoch = plan.steps_per_epoch
+    meter = StepMeter(model, config.tracking, device, world)
     for epoch in range(progress.epoch + progress.epoch_done, config.train.epochs):
         if progress.step >= total_steps:
             break
@@ -244,6 +275,7 @@ def run_epochs(config: Config, stepper: Stepper, pad_id: int, progress: Progress
         swaps = plan.swaps(epoch, config.train.swap_prob)
         model.train()
         started = time.perf_counter() - progress.seconds
+        meter.restart(progress.step)
         offset = 0
         for index, (_, positions) in enumerate(share):
             if progress.step >= total_steps:
@@ -257,29 +289,39 @@ def run_epochs(config: Config, stepper: Stepper, pad_id: int, progress: Progress
                     logits, attention_mask = forward_batch(model, batch.sequences, batch.segments, pad_id, device)
                 loss = training_loss(logits.float(), batch, config, device)
                 stepper.backward(loss, boundary)
-            progress.loss_sum, progress.loss_count = progress.loss_sum + loss.item(), progress.loss_count + 1
-            progress.real_tokens += int(attention_mask.sum())
+            loss_value, real_tokens = loss.item(), int(attention_mask.sum())
+            progress.loss_sum, progress.loss_count = progress.loss_sum + loss_value, progress.loss_count + 1
+            progress.real_tokens += real_tokens
             progress.padded_tokens += attention_mask.size
             progress.rows_seen += len(batch.labels)  # sequences: a symmetric batch counts each pair twice
+            meter.add(loss_value, real_tokens, attention_mask.size, len(batch.labels))
             if batch.row_ids is not None:
                 progress.row_ids.extend(map(str, batch.row_ids))
             if not boundary:
                 continue
             stepper.step()
             progress.step += 1
-            if rank == 0 and progress.step % config.train.log_every_steps == 0:
-                print(f"epoch {epoch} step {progress.step}/{total_steps} "
-                      f"loss {progress.loss_sum / progress.loss_count:.4f} lr {stepper.lr():.2e}", flush=True)
+            if progress.step % config.train.log_every_steps == 0:
+                record = meter.record(progress.step, stepper.grad_norm(), stepper.lrs())  # every rank: a collective
+                if rank == 0:
+                    print(f"epoch {epoch} step {progress.step}/{total_steps} "
+                          f"loss {progress.loss_sum / progress.loss_count:.4f} lr {stepper.lr():.2e}", flush=True)
+                    if tracker is not None:
+                        tracker.log(record)
             in_epoch = progress.step - epoch * steps_per_epoch
             if every and progress.step % every == 0 and in_epoch < steps_per_epoch and progress.step < total_steps:
                 progress.seconds = time.perf_counter() - started
                 metrics = {**train_metrics(progress, world), "valid_log_loss": NOT_EVALUATED}
-                report(metrics, stepper, tokenizer, config, progress, rank, export=False)
+                report(metrics, stepper, tokenizer, config, progress, rank, export=False, tracker=tracker)
+                meter.restart(progress.step)
         progress.seconds = time.perf_counter() - started
         metrics = train_metrics(progress, world)
         valid_metrics = evaluate(model, valid_data, config, device, stepper, pad_id, rank, world)
         metrics.update({f"valid_{name}": value for name, value in valid_metrics.items()})
         progress.history.append(metrics)
+        if tracker is not None:
+            tracker.log(Record(progress.step, {name: valid_metrics[name] for name in ("log_loss", "accuracy", "ece")},
+                               "eval"))
         progress.epoch_done = True
         if run_dir is not None:
             rowlog.write(run_dir, epoch, rank, world, progress.row_ids, node=ray.get_runtime_context().get_node_id(),
@@ -287,7 +329,9 @@ def run_epochs(config: Config, stepper: Stepper, pad_id: int, progress: Progress
             if rank == 0:
                 rowlog.prune(run_dir, epoch, world)  # the logs of ranks a larger, earlier group had
         report(metrics, stepper, tokenizer, config, progress, rank, export=True, meta=checkpoint_meta,
-               files=checkpoint_files)
+               files=checkpoint_files, tracker=tracker)
+        if tracker is not None and run_dir is not None:
+            tracker.set_tags({BEST_CHECKPOINT_TAG: best_checkpoint(run_dir, progress.history)[0]})
 
 
 def training_loss(logits: torch.Tensor, batch: MicroBatch, config: Config, device: torch.device) -> torch.Tensor:
@@ -356,7 +400,8 @@ def evaluate(model, valid_data, config: Config, device, stepper: Stepper, pad_id
     gathered = collectives.all_gather_objects(local, world) if collectives.is_distributed() and world > 1 else [local]
     all_probs = np.concatenate([part[0] for part in gathered])
     all_labels = np.concatenate([part[1] for part in gathered]).astype(np.int64)
-    return {**score(all_probs, all_labels), "rows": float(len(all_labels))}
+    return {**score(all_probs, all_labels), "ece": expected_calibration_error(all_probs, all_labels),
+            "rows": float(len(all_labels))}
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -364,12 +409,26 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
+def best_checkpoint(run_dir: str, history: list[dict[str, float]]) -> tuple[str, dict[str, float]]:
+    """The URI and metrics of the epoch checkpoint with the lowest validation log loss so far (the one Ray Train
+    keeps as the best: mid-epoch checkpoints report NOT_EVALUATED)."""
+    best = min(history, key=lambda row: row["valid_log_loss"])
+    return f"{run_dir}/epoch_{int(best['epoch']):03d}", best
+
+
+def checkpoint_name(progress: Progress, export: bool) -> str:
+    """The folder name of a checkpoint: `epoch_001` at an epoch's end (`export`), `epoch_001_step_000120` within."""
+    return f"epoch_{progress.epoch:03d}" + ("" if export else f"_step_{progress.step:06d}")
+
+
 def report(metrics: dict[str, float], stepper: Stepper, tokenizer, config: Config, progress: Progress, rank: int,
-           export: bool, meta: dict[str, Any] | None = None, files: dict[str, bytes] | None = None) -> None:
+           export: bool, meta: dict[str, Any] | None = None, files: dict[str, bytes] | None = None,
+           tracker: Tracker | None = None) -> None:
     """Every rank reports a checkpoint holding its progress and stepper state; Ray Train merges them into one
     folder. At the end of an epoch (`export`) rank 0 adds the inference export (weights, tokenizer, arena.json)
-    and `files` (relative path -> content)."""
-    name = f"epoch_{progress.epoch:03d}" + ("" if export else f"_step_{progress.step:06d}")
+    and `files` (relative path -> content). On `s3://` storage rank 0's checkpoints also carry the run's
+    TensorBoard events (`tracker`'s), which live on the node's disk until then."""
+    name = checkpoint_name(progress, export)
     # A collective under ZeRO-3: every rank joins the gathers, only rank 0 (which saves) keeps a host copy.
     state_dict = stepper.export_state_dict(keep=rank == 0) if export else None
     directory = staging_directory(config, name, rank)
@@ -382,6 +441,8 @@ def report(metrics: dict[str, float], stepper: Stepper, tokenizer, config: Confi
                 with open(os.path.join(directory, relative), "wb") as handle:
                     handle.write(content)
         stepper.save_state(directory, rank)
+        if tracker is not None and storage.is_uri(config.run.storage_path):
+            tracking.checkpoint_events(tracker, directory)
         torch.save({"progress": asdict(progress), "torch_rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                    os.path.join(directory, PROGRESS_FILE.format(rank=rank)))

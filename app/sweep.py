@@ -133,7 +133,9 @@ def run_sweep(base: Config, spec: SweepSpec, base_raw: dict[str, Any], directory
     trials_storage = storage.join(directory, "trials")
     if base.train.checkpoint_every_steps is not None:
         raise ConfigError("a sweep reports once per epoch to ASHA: unset train.checkpoint_every_steps")
-    base_dict = apply_overrides(config_to_dict(base), {"run.storage_path": trials_storage})
+    # every trial's tracker run joins the sweep's group (MLflow nests them under one parent run, W&B groups them)
+    group = base.tracking.run_group or directory.rstrip("/").rsplit("/", 1)[-1]
+    base_dict = apply_overrides(config_to_dict(base), {"run.storage_path": trials_storage, "tracking.run_group": group})
     scheduler = None
     if spec.asha is not None:
         # training_iteration counts a trial's reports: one per epoch (sweeps take no mid-epoch checkpoints).

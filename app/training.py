@@ -244,10 +244,16 @@ def with_teacher(train_frame: pd.DataFrame, config: Config) -> pd.DataFrame:
 def summarize_run(result: ray.train.Result, run_dir: str, n_rejected: int) -> FitResult:
     """The best checkpoint by validation log loss of a finished run, also written to <run_dir>/summary.json (on the
     run's storage, an s3:// URI included). The checkpoint is named by a URI every node can read: Ray gives the path
-    within its filesystem (`bucket/runs/x/epoch_001`), without the scheme."""
+    within its filesystem (`bucket/runs/x/epoch_001`), without the scheme. The summary's `tracking` says, per
+    tracker, where rank 0 logged the run and whether the tracker failed it (app/tracking.py)."""
     checkpoint, metrics = min(result.best_checkpoints, key=lambda pair: pair[1]["valid_log_loss"])
     best = storage.uri_of(checkpoint.filesystem, checkpoint.path, like=run_dir)
-    history = result.return_value or []
-    summary = {"best_checkpoint": best, "best_metrics": metrics, "history": history, "n_rejected": n_rejected}
+    returned = result.return_value or {}
+    history, tracked = returned.get("history", []), returned.get("tracking", {})
+    for name, sink in tracked.items():
+        print(f"tracking: {name} " + (f"logged to {sink['target']}" if sink["ok"] else f"FAILED: {sink['reason']}"),
+              flush=True)
+    summary = {"best_checkpoint": best, "best_metrics": metrics, "history": history, "n_rejected": n_rejected,
+               "tracking": tracked}
     storage.write_json(storage.join(run_dir, "summary.json"), summary)
     return FitResult(run_dir, best, dict(metrics), history, n_rejected)

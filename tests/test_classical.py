@@ -143,6 +143,21 @@ def test_two_workers_beat_the_uniform_baseline(xgb_run):
     assert summary["best_checkpoint"] == result.best_checkpoint
 
 
+def test_every_boosting_round_reaches_tensorboard(xgb_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, result, _ = xgb_run
+    summary = json.loads((Path(result.run_dir) / "summary.json").read_text())
+    assert summary["tracking"]["tensorboard"]["ok"], summary["tracking"]
+    events = EventAccumulator(summary["tracking"]["tensorboard"]["target"])
+    events.Reload()
+    rounds = list(range(1, len(result.history) + 1))
+    for key, column in (("train/log_loss", "train_log_loss"), ("eval/log_loss", "valid_log_loss")):
+        logged = events.Scalars(key)
+        assert [event.step for event in logged] == rounds
+        assert [event.value for event in logged] == pytest.approx([row[column] for row in result.history], rel=1e-6)
+
+
 def test_checkpoint_holds_booster_featurizer_and_meta(xgb_run):
     from app.modeling import read_checkpoint_meta
 
