@@ -612,15 +612,16 @@ class Tracker:
 
 # ---- what a training step logs (used by app/loop.py on every rank; only rank 0 sends it anywhere) ----
 
-def device_peak_flops(settings: Any, device: Any) -> float | None:
-    """Peak FLOP/s of one training device for MFU: `tracking.peak_tflops_per_device`, else the GPU's by its name
-    (a word of torch's device name, e.g. 'NVIDIA H100 80GB HBM3'); None for a CPU or a GPU not in PEAK_BF16_FLOPS."""
+def device_peak_flops(device: Any, peak_tflops: float | None = None) -> float | None:
+    """Peak FLOP/s of one training device for MFU: `peak_tflops` (`tracking.peak_tflops_per_device`) when given,
+    else the GPU's by its name (a word of torch's device name, e.g. 'NVIDIA H100 80GB HBM3'); None for a CPU or a
+    GPU not in PEAK_BF16_FLOPS."""
     import re
 
     import torch
 
-    if settings.peak_tflops_per_device is not None:
-        return settings.peak_tflops_per_device * 1e12
+    if peak_tflops is not None:
+        return peak_tflops * 1e12
     if getattr(device, "type", str(device)) != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
@@ -682,7 +683,7 @@ class StepMeter:
     def __init__(self, model: Any, settings: Any, device: Any, world: int) -> None:
         self.device, self.world = device, world
         self.params, self.layers, self.hidden = model_shape(model)
-        self.peak = device_peak_flops(settings, device)
+        self.peak = device_peak_flops(device, settings.peak_tflops_per_device)
         self.restart(0)
 
     def restart(self, step: int) -> None:

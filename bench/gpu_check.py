@@ -18,8 +18,9 @@ For each adapter.method (full, lora, qlora; qlora only where bitsandbytes import
   its fixed 1 GiB CUDA-context term, which no tensor holds;
 - step time: the median of --steps steps after --warmup more, each between torch.cuda.synchronize calls
   (the loop's `loss.item()` syncs every step anyway). Tokens/s counts every computed position (B x T,
-  padding included). MFU = 6 x parameters x tokens/s over the chip's dense bf16 peak (H100 / H200 SXM:
-  989.4 TFLOP/s, NVIDIA's datasheet), attention's own FLOPs not counted; it is also given against the
+  padding included). MFU (`app.tracking.mfu`, as training runs log it) = 6 x parameters x tokens/s over the chip's
+  dense bf16 peak (`app.tracking.PEAK_BF16_FLOPS`; H100 / H200 SXM:
+  989 TFLOP/s, NVIDIA's datasheet), attention's own FLOPs not counted; it is also given against the
   measured ceiling, an 8192^3 bf16 matrix product on random data timed here. LoRA and QLoRA compute no
   weight gradients for the frozen base, so about 4N of the 6N are real work for them;
 - inference: the full model is saved with `app.modeling.save_checkpoint` and loaded by
@@ -49,7 +50,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 METHODS = ("full", "lora", "qlora")
-BF16_DENSE_PEAK = {"H100": 989.4e12, "H200": 989.4e12}  # NVIDIA datasheets, SXM, dense (no sparsity)
 TRACKED_STEPS = 2  # the first creates AdamW's state; the second holds the steady-state peak
 PREDICT_BUDGETS = (8192, 32768)  # Predictor tokens_per_batch: its default, and 4x
 MATMUL_SIZE = 8192
@@ -158,10 +158,11 @@ def chip_peak(device) -> tuple[str, float | None]:
     """The device's name and its datasheet dense bf16 rate (None where not listed: CPU, other GPUs)."""
     import torch
 
+    from app.tracking import device_peak_flops
+
     if device.type != "cuda":
         return platform.processor() or platform.machine(), None
-    name = torch.cuda.get_device_name(device)
-    return name, next((rate for key, rate in BF16_DENSE_PEAK.items() if key in name), None)
+    return torch.cuda.get_device_name(device), device_peak_flops(device)
 
 
 def measure_matmul(device, repeats: int = 10) -> float | None:
@@ -208,6 +209,7 @@ def measure_method(args: argparse.Namespace, method: str, device, peak_rate: flo
     from app.config import load_config
     from app.engine import TorchStepper
     from app.memory import plan_memory
+    from app.tracking import mfu
     from app.modeling import autocast, build_model, build_tokenizer, forward_batch, save_checkpoint
     from bench.tracking import measure_training_peak
 
@@ -258,7 +260,6 @@ def measure_method(args: argparse.Namespace, method: str, device, peak_rate: flo
         times.append(time.perf_counter() - step_started)
     step_s = statistics.median(times)
     tokens_per_s = tokens_per_step / step_s
-    flops_per_s = 6 * plan.total_params * tokens_per_s
     if any(math.isnan(loss) for loss in losses):
         raise RuntimeError(f"{method}: a training loss is NaN: {losses}")
     if checkpoint_dir is not None:
@@ -271,8 +272,8 @@ def measure_method(args: argparse.Namespace, method: str, device, peak_rate: flo
         build_s=build_s,
         step_s=step_s,
         tokens_per_s=tokens_per_s,
-        mfu_datasheet=flops_per_s / peak_rate if peak_rate else None,
-        mfu_measured=flops_per_s / matmul_rate if matmul_rate else None,
+        mfu_datasheet=mfu(plan.total_params, tokens_per_s, peak_flops_per_device=peak_rate) if peak_rate else None,
+        mfu_measured=mfu(plan.total_params, tokens_per_s, peak_flops_per_device=matmul_rate) if matmul_rate else None,
         peak_bytes=peak,
         reserved_bytes=reserved,
         planned_bytes=plan.training_peak_bytes - plan.components["overhead"],

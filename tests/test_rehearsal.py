@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from rehearsal import BUCKET, Rehearsal
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from app import rowlog
 from app.config import load_config
@@ -84,7 +85,7 @@ def test_ddp_across_nodes_survives_a_node_loss_and_predicts_from_s3(cluster, dat
     storage = f"s3://{BUCKET}/runs"
     log = tmp_path / "train.log"
     job = cluster.submit_async(TRAIN.format(train=train, storage=storage, name="compact",
-                                            extra="run.max_failures=1"), log)
+                                            extra="run.max_failures=1 train.log_every_steps=1"), log)
     checkpoint = wait_for_checkpoint(cluster, "runs/compact/", job, log)
     killed = cluster.kill_node("worker-2")
     cluster.add_node("worker-3", wait=False)  # the replacement the autoscaler would start
@@ -99,6 +100,18 @@ def test_ddp_across_nodes_survives_a_node_loss_and_predicts_from_s3(cluster, dat
     assert best.startswith(f"{storage}/compact/epoch_000"), best
     assert f"BEST_CHECKPOINT={best}" in output
     assert any(row.get("resumed_from_step") for row in summary["history"])
+
+    # The TensorBoard events travelled with the checkpoints (rank 0 may have restarted on the new node, whose disk
+    # had none) and reached the run folder on S3 at the end: every step once, read with TensorBoard's own reader.
+    assert summary["tracking"]["tensorboard"]["ok"], summary["tracking"]
+    events = tmp_path / "tensorboard"
+    for key in cluster.keys("runs/compact/tracking/tensorboard/"):
+        (events / key.rsplit("/", 1)[1]).parent.mkdir(exist_ok=True)
+        (events / key.rsplit("/", 1)[1]).write_bytes(cluster.read(f"s3://{BUCKET}/{key}"))
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    last_step = int(summary["history"][-1]["step"])
+    assert [event.step for event in accumulator.Scalars("train/loss")] == list(range(1, last_step + 1))
 
     # Each training row once in the epoch, across the interruption, and on two nodes.
     logs = [json.loads(cluster.read(f"s3://{BUCKET}/{key}")) for key in cluster.keys("runs/compact/rows/")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from tracking_helpers import client_for, mlflow_run, mlflow_server, tensorboard_scalars  # noqa: F401
 
 from app import rowlog
 from app.config import ConfigError, load_config
@@ -91,8 +92,10 @@ def uninterrupted(ray_session, tmp_path_factory):
     return fit(tiny_config(storage, "straight"))
 
 
-def test_a_killed_worker_is_replaced_and_training_continues(uninterrupted, tmp_path):
-    config = tiny_config(tmp_path, "killed", **{"run.max_failures": 1})
+def test_a_killed_worker_is_replaced_and_training_continues(uninterrupted, mlflow_server, tmp_path):
+    uri, _ = mlflow_server
+    config = tiny_config(tmp_path, "killed", **{"run.max_failures": 1, "train.log_every_steps": 1,
+                                                 "tracking.mlflow_uri": uri})
     outcome = fit_while_killing(config, tmp_path / "killed")
     assert "error" not in outcome, outcome.get("error")
     result = outcome["result"]
@@ -102,6 +105,14 @@ def test_a_killed_worker_is_replaced_and_training_continues(uninterrupted, tmp_p
     assert result.best_metrics["valid_log_loss"] == pytest.approx(uninterrupted.best_metrics["valid_log_loss"],
                                                                   abs=TOLERANCE)
     assert_each_row_once_per_epoch(result, config, like=uninterrupted)
+    # the restarted group continued the same tracker runs: every step once in MLflow and in TensorBoard's reading,
+    # though the steps between the checkpoint and the kill were trained (and logged) twice
+    steps = list(range(1, int(result.history[-1]["step"]) + 1))
+    run = mlflow_run(uri, "arena", result.run_dir)
+    for key in ("train/loss", "train/grad_norm"):
+        assert [point.step for point in client_for(uri).get_metric_history(run.info.run_id, key)] == steps
+    assert [step for step, _ in tensorboard_scalars(str(tmp_path / "killed" / "tracking" / "tensorboard"),
+                                                     "train/loss")] == steps
 
 
 def test_a_failed_run_resubmitted_under_its_name_continues(uninterrupted, tmp_path):
