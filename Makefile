@@ -75,7 +75,8 @@ demo: setup
 	    --input $(DEMO_DATA)/test.csv --output $(DEMO_RUNS)/demo/submission.csv; \
 	$(PY) -c "import json; s = json.load(open('$(DEMO_RUNS)/demo/summary.json')); m = s['best_metrics']; \
 	print(f\"\nvalidation log loss {m['valid_log_loss']:.4f} (uniform guess: 1.0986), accuracy {m['valid_accuracy']:.3f}\"); \
-	print('checkpoint: ' + s['best_checkpoint']); print('submission: $(DEMO_RUNS)/demo/submission.csv')"
+	print('checkpoint: ' + s['best_checkpoint']); print('submission: $(DEMO_RUNS)/demo/submission.csv'); \
+	print('curves: $(VENV)/bin/tensorboard --logdir $(DEMO_RUNS)/demo/tracking --host 127.0.0.1')"
 
 # The Ray Serve app (serve/config.yaml) on the demo's best checkpoint, on 127.0.0.1:$(SERVE_PORT), in a local
 # Ray of its own with a token of its own (removed on exit); Ctrl-C stops it. Needs a finished `make demo`.

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A screenshot of a run's curves in TensorBoard, taken with Debian's headless Chromium (apt-get install chromium).
 # docs/tensorboard-demo.png was taken after `make demo` with:
-#   docs/tensorboard_screenshot.sh runs/demo/tracking/tensorboard docs/tensorboard-demo.png
+#   TAG_FILTER='train/(loss|lr|grad_norm|real_tokens_per_s|host_rss_gib)$|eval/(log_loss|accuracy|ece)' \
+#       docs/tensorboard_screenshot.sh runs/demo/tracking/tensorboard docs/tensorboard-demo.png
 # TensorBoard runs on 127.0.0.1 (port $PORT, default 6123) for as long as the screenshot takes.
 set -euo pipefail
 logdir=$1 out=$2 port=${PORT:-6123}
@@ -17,9 +18,10 @@ for _ in $(seq 120); do
 done
 # The time-series dashboard, filtered to the training loss, learning rate, gradient norm, throughput and step time
 # and the validation log loss (TensorBoard reads `tagFilter` from the query); its scripts load and
-# draw before the page is captured (--timeout: 20 s of real time); forceSVG draws the charts without WebGL, which a headless browser lacks.
+# draw within the virtual time budget before the page is captured; forceSVG draws the charts without WebGL,
+# which a headless browser without a GPU lacks.
 filter=${TAG_FILTER:-train/(loss|lr|grad_norm|real_tokens_per_s|step_time_s)$|eval/log_loss}
 query=$(python3 -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1], safe=""))' "$filter")
-chromium --headless=new --no-sandbox --disable-gpu --hide-scrollbars --window-size=1600,1300 \
+chromium --headless=new --no-sandbox --disable-gpu --hide-scrollbars --window-size=1600,1750 \
     --virtual-time-budget=90000 --screenshot="$out" "http://127.0.0.1:$port/?forceSVG=true&tagFilter=$query&smoothing=0#timeseries"
 echo "wrote $out"

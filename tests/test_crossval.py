@@ -134,6 +134,8 @@ def test_a_member_folder_on_s3_holds_what_a_local_one_does(s3_member):
         assert fold["checkpoint"].startswith(f"{config.run.storage_path}/xgb-fold{fold['fold']}/")
         arena = storage.read_json(storage.join(fold["checkpoint"], "arena.json"))  # rewritten on S3
         assert arena["kind"] == "tfidf_xgb" and arena["prior_calibration"]["n_rows"] == fold["rows"]
+        assert arena["config"]["tracking"]["run_group"] == "xgb"  # the folds' tracker runs nest under the member
+        assert storage.list_dir(f"{config.run.storage_path}/xgb-fold{fold['fold']}/tracking/tensorboard")
         timing = storage.read_json(f"{config.run.storage_path}/xgb-fold{fold['fold']}/timing.json")
         assert timing["train_seconds"] == pytest.approx(fold["train_seconds"])
 

@@ -61,6 +61,8 @@ def test_four_trial_sweep_writes_results_plot_and_best_preset(ray_session, tmp_p
     assert best.train.lr == pytest.approx(winner["train.lr"])
     assert best.train.warmup_ratio == pytest.approx(winner["train.warmup_ratio"])
     assert list((tmp_path / "sweep").rglob("events.out.tfevents*"))  # TensorBoard reads the sweep folder
+    # and every trial's own step curves (app/tracking.py), one run folder per trial
+    assert len({path.parents[2] for path in (tmp_path / "sweep" / "trials").glob("*/tracking/tensorboard/events*")}) == 4
 
 
 def test_temperature_sweep_agrees_with_the_fitted_temperature(ray_session, tmp_path):
@@ -108,7 +110,12 @@ def test_a_sweep_on_s3_keeps_its_trials_and_outputs_there(ray_session, s3, tmp_p
     (trial,) = table.itertuples()
     assert trial.valid_log_loss < 1.2 and trial.trial_dir.startswith(f"{out}/tune/")
     (run,) = storage.list_dir(storage.join(out, "trials"))  # the trial's Ray Train run
-    assert storage.read_json(storage.join(out, "trials", run, "summary.json"))["best_checkpoint"].startswith(out)
+    summary = storage.read_json(storage.join(out, "trials", run, "summary.json"))
+    assert summary["best_checkpoint"].startswith(out)
+    # the trial's boosting rounds reached the sweep's storage, and its tracker runs belong to the sweep's group
+    assert storage.list_dir(storage.join(out, "trials", run, "tracking", "tensorboard"))
+    trial_config = storage.read_json(storage.join(summary["best_checkpoint"], "arena.json"))["config"]
+    assert trial_config["tracking"]["run_group"] == out.rsplit("/", 1)[1]
     assert storage.read_bytes(result.plot).startswith(b"\x89PNG") and result.plot == storage.join(out, "sweep.png")
     best = yaml.safe_load(storage.read_text(result.best_preset))
     assert best == {"model": {"kind": "tfidf_xgb"}, "classical": {"max_depth": table["classical.max_depth"][0]}}

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -18,14 +19,29 @@ from app.training import fit, load_training_rows, split_train_valid
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def tiny_run(ray_session, tmp_path_factory):
     """Checkpoints staged in a folder of their own and uploaded in the background (Ray Train's async upload,
-    what s3:// storage gets): the run must find and keep them all the same."""
+    what s3:// storage gets): the run must find and keep them all the same. Its MLflow server is down."""
     storage, staging = tmp_path_factory.mktemp("runs"), tmp_path_factory.mktemp("staging")
     config = load_config(TINY, {"run.storage_path": str(storage), "run.keep_checkpoints": 1,
-                                "run.staging_dir": str(staging), "run.checkpoint_upload": "async"})
+                                "run.staging_dir": str(staging), "run.checkpoint_upload": "async",
+                                "tracking.mlflow_uri": f"http://127.0.0.1:{closed_port()}"})
     return config, fit(config)
+
+
+def test_a_tracker_that_is_down_leaves_training_alone_and_says_so(tiny_run):
+    config, result = tiny_run
+    tracked = json.loads((Path(result.run_dir) / "summary.json").read_text())["tracking"]
+    assert not tracked["mlflow"]["ok"] and "opening the run failed" in tracked["mlflow"]["reason"], tracked
+    assert tracked["tensorboard"]["ok"] and len(result.history) == 2
 
 
 def test_checkpoints_are_staged_then_uploaded_and_the_staged_copies_removed(tiny_run):
