@@ -45,7 +45,7 @@ from app.features import PairFeaturizer
 from app.formatting import SWAPPED_LABEL
 from app.metrics import combine_views, score, softmax
 from app.priors import class_frequencies
-from app.tracking import Record, Tracker, config_params, publish_events
+from app.tracking import Record, Tracker, config_params
 
 if TYPE_CHECKING:
     from app.training import FitResult
@@ -155,11 +155,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         raise
     if tracker is None:
         return {"history": history, "tracking": {}}
-    tracker.log_summary({"best_checkpoint": f"{loop_config['run_dir']}/{checkpoint_name(kept)}",
-                         "best_metrics": history[kept - 1], "history": history})
-    tracker.close()
-    publish_events(tracker)
-    return {"history": history, "tracking": tracker.status()}
+    return {"history": history, "tracking": tracker.finish({
+        "best_checkpoint": f"{loop_config['run_dir']}/{checkpoint_name(kept)}", "best_metrics": history[kept - 1],
+        "history": history})}
 
 
 def boost(loop_config: dict[str, Any], config: Config, rank: int,

@@ -109,6 +109,7 @@ class TorchStepper:
         self.scheduler = build_scheduler(self.optimizer, config, total_steps)
         self.amp_dtype = training_autocast_dtype(config, device)
         self.scaler = torch.amp.GradScaler(enabled=self.amp_dtype == torch.float16)
+        self._grad_norm: torch.Tensor | None = None  # the last step's, before clipping (a device tensor)
 
     def accumulate(self, boundary: bool) -> contextlib.AbstractContextManager:
         if boundary or not isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
@@ -120,7 +121,7 @@ class TorchStepper:
 
     def step(self) -> None:
         self.scaler.unscale_(self.optimizer)
-        # the norm stays a device tensor: reading it (a device sync) is left to the steps that log it
+        # the norm stays on the device: reading it (a device sync) is left to the steps that log it
         self._grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
                                                          self.config.train.max_grad_norm)
         self.scaler.step(self.optimizer)
@@ -135,8 +136,7 @@ class TorchStepper:
         return [float(lr) for lr in self.scheduler.get_last_lr()]
 
     def grad_norm(self) -> float | None:
-        norm = getattr(self, "_grad_norm", None)
-        return None if norm is None else float(norm)
+        return None if self._grad_norm is None else float(self._grad_norm)
 
     def export_state_dict(self, keep: bool) -> dict[str, torch.Tensor] | None:
         return None  # the unwrapped model holds the full weights on every rank

@@ -76,7 +76,7 @@ class EpochPlan:
     def share(self, epoch: int, rank: int, world: int, first_step: int = 0) -> list[tuple[int, np.ndarray]]:
         """(step within the epoch, positions) of the micro-batches rank `rank` of `world` computes in `epoch`, from
         step `first_step` on, in order."""
-        self.accumulation(world)
+        self.accumulation(world)  # raises when `world` ranks cannot share a step
         batches = self.micro_batches(epoch)
         return [(index // self.micro_per_step, batches[index])
                 for index in range(first_step * self.micro_per_step, len(batches))

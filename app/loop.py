@@ -183,24 +183,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             raise
         finally:
             stepper.close()
+    tracked = {}
     if tracker is not None:
+        summary = None
         if progress.history:
             uri, metrics = best_checkpoint(run_dir, progress.history)
-            tracker.log_summary({"best_checkpoint": uri, "best_metrics": metrics, "history": progress.history})
-        tracker.close()
-        tracking.publish_events(tracker)
-    return {"history": progress.history, "tracking": tracker.status() if tracker is not None else {}}
+            summary = {"best_checkpoint": uri, "best_metrics": metrics, "history": progress.history}
+        tracked = tracker.finish(summary)
+    return {"history": progress.history, "tracking": tracked}
 
 
 def open_tracker(config: Config, run_dir: str, checkpoint_dir: str | None, progress: Progress) -> Tracker:
     """Rank 0's tracker of the run (app/tracking.py): a fresh run's, or on a resume the same tracker runs continued
-    from the step after the checkpoint's, with the TensorBoard events the checkpoint carries where this node has
-    none (a run on s3:// storage restarted on another node)."""
-    tracker_dir = Tracker.local_dir_of(config.tracking, run_dir)
-    if checkpoint_dir is not None:
-        tracking.restore_events(checkpoint_dir, os.path.join(tracker_dir, "tensorboard"))
+    from the step after the checkpoint's in `checkpoint_dir`."""
     return Tracker(config.tracking, run_dir, first_step=progress.step + 1 if checkpoint_dir is not None else 0,
-                   params=tracking.config_params(config), tags={"arena.model": config.model.name_or_path})
+                   params=tracking.config_params(config), tags={"arena.model": config.model.name_or_path},
+                   resumed_from=checkpoint_dir)
 
 
 def checkpoint_world(directory: str) -> int:

@@ -34,7 +34,7 @@ import queue
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from importlib import metadata
 from typing import Any, Literal, Protocol
@@ -501,14 +501,19 @@ class Tracker:
             opened to add a summary to a finished run).
         params: run parameters, normally `config_params(config)`.
         tags: text tags of the run (the library versions and run folder are added).
-        sinks: the sinks to open, of those the settings turn on (tensorboard, mlflow, wandb); None = all of them.
+        resumed_from: the local folder of the checkpoint the run resumes from: where this node has no TensorBoard
+            events of the run yet (a run on s3:// storage restarted on another node), the ones the checkpoint
+            carries are copied in first (`checkpoint_events`).
     """
 
     def __init__(self, settings: Any, run_dir: str, *, first_step: int | None = None,
                  params: Mapping[str, str] | None = None, tags: Mapping[str, str] | None = None,
-                 sinks: Collection[str] | None = None) -> None:
+                 resumed_from: str | None = None) -> None:
         self.run_dir = run_dir
-        self.local_dir = self.local_dir_of(settings, run_dir)
+        self.local_dir = settings.local_dir or default_local_dir(run_dir)
+        self.events_dir = os.path.join(self.local_dir, "tensorboard")  # TensorBoard's event files
+        if resumed_from is not None:
+            restore_events(resumed_from, self.events_dir)
         run_name = settings.run_name or run_dir.rstrip("/").rsplit("/", 1)[-1]
         all_tags = {RUN_DIR_TAG: run_dir, **({RUN_GROUP_TAG: settings.run_group} if settings.run_group else {}),
                     **{VERSION_TAG.format(library=name): version for name, version in library_versions().items()},
@@ -527,8 +532,6 @@ class Tracker:
                                                                self.local_dir, run_dir, run_name, settings.run_group)))
         self._slots: list[_Slot] = []
         for name, remote, build in builders:
-            if sinks is not None and name not in sinks:
-                continue
             slot = _Slot(name)
             self._slots.append(slot)
             try:  # imports and local set-up, in the caller's thread (no network)
@@ -568,16 +571,6 @@ class Tracker:
         if summary.get("best_checkpoint"):
             self.set_tags({BEST_CHECKPOINT_TAG: str(summary["best_checkpoint"])})
 
-    @staticmethod
-    def local_dir_of(settings: Any, run_dir: str) -> str:
-        """The local folder of the TensorBoard events and W&B files of the run in `run_dir`."""
-        return settings.local_dir or default_local_dir(run_dir)
-
-    @property
-    def events_dir(self) -> str:
-        """The folder of the TensorBoard event files."""
-        return os.path.join(self.local_dir, "tensorboard")
-
     def flush(self) -> None:
         """Write TensorBoard's buffered events to its files (before they are copied with a checkpoint)."""
         for slot in self._slots:
@@ -602,6 +595,15 @@ class Tracker:
         deadline = time.monotonic() + FAILURE_BUDGET_S
         for slot in self._slots:
             slot.finish(deadline)
+
+    def finish(self, summary: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+        """End a run that trained to its end: log its `summary` (when given), close, copy the TensorBoard events to
+        the run's storage (`publish_events`); returns the final `status`."""
+        if summary is not None:
+            self.log_summary(summary)
+        self.close()
+        publish_events(self)
+        return self.status()
 
     def __enter__(self) -> Tracker:
         return self
@@ -729,8 +731,8 @@ class StepMeter:
 
 
 def restore_events(checkpoint_dir: str, events_dir: str) -> bool:
-    """Before a resumed run opens its tracker on a node that lacks the run's TensorBoard events (a run on `s3://`
-    storage restarted elsewhere), copy them in from the checkpoint (`checkpoint_events`); True when it did."""
+    """Copy the TensorBoard events a checkpoint carries (`checkpoint_events`) into `events_dir` when that has none
+    (Tracker's `resumed_from`); True when it did."""
     import shutil
 
     source = os.path.join(checkpoint_dir, CHECKPOINT_EVENTS_DIR)

@@ -23,18 +23,14 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import mlflow_server
 from bench.reporting import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,31 +57,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def start_mlflow(folder: str) -> tuple[str, subprocess.Popen]:
-    """A real `mlflow server` on 127.0.0.1 with a SQLite store (the dev extra's mlflow)."""
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
-         "--artifacts-destination", f"{folder}/artifacts", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=folder, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    uri, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=1)
-            return uri, process
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("mlflow server did not start") from None
-            time.sleep(0.2)
-
-
 def overrides(variant: str, mlflow_uri: str) -> dict[str, Any]:
     if variant == "evaluations only":
         return {"train.log_every_steps": 10**6}
@@ -109,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
 
     runs: dict[str, list[tuple[float, float, float, int]]] = {variant: [] for variant in VARIANTS}
     with tempfile.TemporaryDirectory(prefix="bench_tracking_") as scratch:
-        uri, server = start_mlflow(scratch)
+        uri, server = mlflow_server.start(scratch)
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
         try:
             for repeat in range(args.repeats):
@@ -129,8 +100,7 @@ def main(argv: list[str] | None = None) -> None:
                           flush=True)
         finally:
             ray.shutdown()
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(10)
+            mlflow_server.stop(server)
     results = [Measurement(variant, runs[variant][0][3], statistics.median(r[0] for r in runs[variant]),
                            statistics.median(r[1] for r in runs[variant]), runs[variant][0][2],
                            {"repeats": [{"rows_per_s": r[0], "wall_s": r[1]} for r in runs[variant]]})
@@ -141,13 +111,12 @@ def main(argv: list[str] | None = None) -> None:
     for m in results:
         lines.append(f"| {m.variant} | {m.log_points} | {m.rows_per_s:.1f} | {m.rows_per_s / base.rows_per_s:.3f}x "
                      f"| {m.wall_s:.1f} | {m.wall_s / base.wall_s:.3f}x | {m.valid_log_loss:.4f} |")
-    import ray as ray_module
     import torch
 
     settings = {"rows": args.rows, "epochs": args.epochs, "max_length": args.max_length, "repeats": args.repeats,
                 "model": "packaged all-MiniLM-L6-v2, 2 workers (configs/tiny.yaml)",
                 "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}, torch "
-                           f"{torch.__version__}, ray {ray_module.__version__}"}
+                           f"{torch.__version__}, ray {ray.__version__}"}
     print("\n" + "\n".join(f"{key}: {value}" for key, value in settings.items()) + "\n\n" + "\n".join(lines))
     if args.json_out:
         write_json(args.json_out, settings, results)

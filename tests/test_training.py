@@ -2,12 +2,12 @@
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import free_port
 
 from app.config import load_config
 from app.inference import Predictor
@@ -19,13 +19,6 @@ from app.training import fit, load_training_rows, split_train_valid
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 
-def closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def tiny_run(ray_session, tmp_path_factory):
     """Checkpoints staged in a folder of their own and uploaded in the background (Ray Train's async upload,
@@ -33,7 +26,7 @@ def tiny_run(ray_session, tmp_path_factory):
     storage, staging = tmp_path_factory.mktemp("runs"), tmp_path_factory.mktemp("staging")
     config = load_config(TINY, {"run.storage_path": str(storage), "run.keep_checkpoints": 1,
                                 "run.staging_dir": str(staging), "run.checkpoint_upload": "async",
-                                "tracking.mlflow_uri": f"http://127.0.0.1:{closed_port()}"})
+                                "tracking.mlflow_uri": f"http://127.0.0.1:{free_port()}"})  # nothing listens
     return config, fit(config)
 
 
